@@ -1,0 +1,32 @@
+# The README's commands. `make test` sets up .venv (once; reruns skip the install while setup.py and
+# constraints.txt are unchanged), then runs ruff and pytest.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned in the same pip command as everything else: unpinned, or installed in a later command,
+# pip pulls a multi-GB CUDA build on CPU machines. PIP_CONSTRAINT also reaches pip's isolated build
+# environments (DeepSpeed builds from source), so no build pulls another torch.
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.ctld-installed
+# DeepSpeed JIT-builds its CPU ops on first use; keep them inside .venv so they are built once.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: test lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" -e ".[dev]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check ctld tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

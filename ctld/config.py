@@ -1,0 +1,341 @@
+"""One config system for every ctld stage: YAML files -> typed dataclasses, `--section.key=value` overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["--train.lr=2e-4", "--data.patch_size=64"])
+    UNet3D(**asdict(cfg.unet))
+
+A YAML file may name a file it extends with a top-level `base:` key (a path relative to that file);
+sections are merged key by key, so `configs/tiny.yaml` only lists what differs from `configs/base.yaml`.
+Unknown keys fail with the closest valid key; values are checked against the field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """What the loader feeds the trainer (see DESIGN.md: thick/thin alignment, intensities)."""
+
+    shards_dir: str = "shards"  # a folder with manifest.json from `ctld-shards build`
+    train_urls: str = ""  # explicit shard URLs/brace pattern/pipe: command; empty = from shards_dir
+    val_urls: str = ""
+    hu_min: float = -1024.0  # intensity window mapped to [-1, 1]; wide so lung, soft tissue and bone survive
+    hu_max: float = 2048.0
+    factor: int = 5  # thick spacing / thin spacing, e.g. 5 mm -> 1 mm
+    depth_thick: int = 8  # thick slices per patch; the thin patch has depth_thick * factor slices
+    patch_size: int = 192  # in-plane patch edge in pixels
+    patches_per_volume: int = 4  # patches drawn from one decoded volume, sharing the decode cost
+    batch_size: int = 2  # patch pairs per device per micro-step
+    num_workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 32  # volumes held in the shuffle buffer
+    samples_per_epoch: int = 10_000  # with_epoch length per rank (patch pairs), so every rank runs the same steps
+    small_volume: Literal["pad", "skip"] = "pad"  # volumes smaller than a patch: pad with air or skip
+    augment: bool = True  # in-plane flips and 90-degree rotations, identical on thick and thin
+    min_foreground_fraction: float = 0.05  # resample crops whose fraction of non-air voxels is below this
+    seed: int = 0
+
+
+@dataclass
+class ShardsConfig:
+    """`ctld-shards build` settings."""
+
+    out_dir: str = "shards"
+    salt: str = ""  # secret salt for the patient/series hashes; empty = CTLD_SALT env or a per-folder random salt
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    thick_min_spacing_mm: float = 3.0  # a series with slice spacing >= this is "thick"
+    thin_max_spacing_mm: float = 2.0  # a series with slice spacing <= this is "thin"
+    min_slices: int = 8
+    on_duplicate_positions: Literal["skip", "repair"] = "repair"  # repair = drop exact duplicates
+    on_missing_slices: Literal["skip", "repair"] = "skip"
+    on_nonuniform_spacing: Literal["skip", "repair"] = "skip"
+    on_gantry_tilt: Literal["skip", "repair"] = "skip"
+    max_archive_bytes: int = 32 * 2**30  # refuse ZIPs that would unpack to more than this
+    max_archive_members: int = 200_000
+    shard_max_samples: int = 64
+    shard_max_bytes: int = 2 * 2**30
+    num_workers: int = 2
+    max_skipped_fraction: float = 0.5  # fail the build when more than this fraction of series is skipped
+
+
+@dataclass
+class VAEConfig:
+    """AutoencoderKL3D keyword arguments (ctld/models/vae.py)."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    channels: tuple[int, ...] = (32, 64, 128, 128)  # one entry per level; in-plane factor 2**(levels-1)
+    num_res_blocks: int = 1
+    latent_channels: int = 8
+    norm_num_groups: int = 16
+    mid_attention: bool = False
+    scaling_factor: float = 1.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class UNetConfig:
+    """UNet3D keyword arguments (ctld/models/unet.py); in/out channels come from the VAE's latent_channels."""
+
+    channels: tuple[int, ...] = (64, 128, 256)
+    num_res_blocks: int = 2
+    depth_downsample: tuple[bool, ...] = (True, True)  # per level transition: halve depth too?
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    norm_num_groups: int = 32
+    attention_head_dim: int = 32
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule and loss; schedulers come from diffusers only (ctld/diffusion.py)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    min_snr_gamma: float | None = 5.0  # Min-SNR weighting, https://arxiv.org/abs/2303.09556; null = off
+    sampler: Literal["ddim", "dpm"] = "ddim"
+    num_inference_steps: int = 20
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["vae", "diffusion"] = "vae"
+    output_dir: str = "runs"
+    run_name: str = "ctld"
+    max_steps: int = 10_000  # optimizer steps
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"  # any name diffusers.optimization.get_scheduler accepts
+    lr_warmup_steps: int = 500
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 500
+    image_every: int = 1000
+    checkpoint_every: int = 1000
+    checkpoints_total_limit: int = 3
+    resume: str = ""  # "" | "latest" | a checkpoint folder
+    vae_export: str = ""  # diffusion stage: the VAE run's export/ folder
+    ema_decay: float = 0.9999
+    thick_fraction: float = 0.5  # VAE stage: fraction of thick patches in a batch
+    kl_weight: float = 1e-6
+    max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class InferConfig:
+    sampler: Literal["ddim", "dpm"] = "ddim"
+    num_inference_steps: int = 20
+    depth_overlap: int = 2  # thick slices shared by neighbouring windows
+    inplane_overlap: float = 0.25  # fraction of the tile shared by neighbouring tiles
+    batch_size: int = 4  # windows per forward pass
+    num_samples: int = 1  # average this many diffusion samples per window
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+# Section name -> dataclass (Field.type is only a string under `from __future__ import annotations`).
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "shards": ShardsConfig,
+    "vae": VAEConfig,
+    "unet": UNetConfig,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+    "infer": InferConfig,
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the dataclasses above."""
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {path} extends itself through 'base:' ({' -> '.join(map(str, seen))})")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/base.yaml")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    merged: dict[str, Any] = {}
+    if base is not None:
+        merged = _read_yaml_chain(path.parent / base, seen + (path,))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def _all_keys() -> list[str]:
+    return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown_key_error(key: str, candidates: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(sorted(candidates))}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against the field type; convert the few lossless cases (int -> float, list -> tuple)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': {value!r} fits none of {annotation}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r} ({type(value).__name__})")
+        item_type = args[0] if args else Any
+        items = [_coerce(v, item_type, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r} ({type(value).__name__})")
+        return value
+    raise ConfigError(f"config key '{key}' has an unsupported type {annotation}")  # a bug in this file
+
+
+def parse_overrides(argv: list[str]) -> dict[str, dict[str, Any]]:
+    """`["--train.lr=2e-4"]` -> `{"train": {"lr": 0.0002}}`; values are parsed as YAML scalars/lists."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"override {arg!r} must look like --section.key=value (e.g. --train.lr=2e-4)")
+        key, text = arg[2:].split("=", 1)
+        if key.count(".") != 1:
+            raise _unknown_key_error(key, _all_keys())
+        section, name = key.split(".")
+        value = yaml.safe_load(text) if text != "" else ""
+        # YAML reads "2e-4" as a string (it wants "2.0e-4"); numbers are what users mean.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                pass
+        overrides.setdefault(section, {})[name] = value
+    return overrides
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """Typed Config from nested dicts; every key is checked."""
+    built = {}
+    for section_name, values in raw.items():
+        if section_name not in SECTIONS:
+            raise _unknown_key_error(str(section_name), list(SECTIONS))
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section_name}' must be a mapping, got {values!r}")
+    for section_name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        values = raw.get(section_name) or {}
+        valid = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, value in values.items():
+            full = f"{section_name}.{key}"
+            if key not in valid:
+                raise _unknown_key_error(full, [f"{section_name}.{v}" for v in valid] + _all_keys())
+            kwargs[key] = _coerce(value, hints[key], full)
+        built[section_name] = cls(**kwargs)
+    return Config(**built)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (following `base:`), apply `--section.key=value` overrides, check every type."""
+    raw = _read_yaml_chain(Path(path))
+    for section, values in parse_overrides(overrides or []).items():
+        if isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **values}
+        else:
+            raw[section] = values
+    return build_config(raw)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def save_config(cfg: Config, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write the resolved config (plus e.g. git commit and package versions) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = config_to_dict(cfg)
+    if extra:
+        doc["_run"] = extra
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    tmp.replace(path)
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """Read a config written by `save_config` (ignores its `_run` block)."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    raw.pop("_run", None)
+    return build_config(raw)
+
+
+def flatten_config(cfg: Config) -> dict[str, bool | int | float | str]:
+    """`{"train.lr": 1e-4, ...}` with only bool/str/int/float values, as TensorBoard hparams require."""
+    flat: dict[str, bool | int | float | str] = {}
+    for section, values in config_to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+

@@ -1,0 +1,1 @@
+"""Reading CT series, building WebDataset shards and streaming aligned patch pairs."""

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ctld.data.transforms import hu_to_int16, hu_to_model, model_to_hu, simulate_thick, window_to_unit
+
+
+def test_intensity_inverse_is_exact_for_integer_hu():
+    hu = np.arange(-1024, 2049, dtype=np.int16)
+    x = hu_to_model(hu, -1024.0, 2048.0)
+    assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
+    np.testing.assert_array_equal(hu_to_int16(model_to_hu(x, -1024.0, 2048.0)), hu)
+
+
+def test_intensity_torch_matches_numpy():
+    hu = np.random.default_rng(0).integers(-2000, 3000, size=(4, 8, 8)).astype(np.int16)
+    np.testing.assert_allclose(hu_to_model(torch.from_numpy(hu), -1024, 2048).numpy(), hu_to_model(hu, -1024, 2048))
+
+
+def test_intensity_clips_outside_window():
+    x = hu_to_model(np.array([-3000, 5000], dtype=np.int16), -1024, 2048)
+    np.testing.assert_array_equal(x, [-1.0, 1.0])
+
+
+def test_bad_window_raises():
+    with pytest.raises(ValueError, match="hu_max"):
+        hu_to_model(np.zeros(3), 10, 10)
+
+
+def test_window_to_unit():
+    np.testing.assert_allclose(window_to_unit(np.array([-160, 40, 240, 1000]), -160, 240), [0, 0.5, 1, 1])
+
+
+def test_simulate_thick_is_slab_mean():
+    thin = np.arange(11 * 2 * 2, dtype=np.int16).reshape(11, 2, 2)
+    thick = simulate_thick(thin, 5)
+    assert thick.shape == (2, 2, 2)
+    np.testing.assert_array_equal(thick[1], np.rint(thin[5:10].mean(axis=0)).astype(np.int16))
+    with pytest.raises(ValueError, match="at least factor"):
+        simulate_thick(thin[:3], 5)

@@ -1,0 +1,624 @@
+"""Streaming loader of aligned (thick, thin) patch pairs from WebDataset shards, one loader per rank.
+
+    accelerator = Accelerator()
+    urls = shard_urls(cfg.data, "train")
+    loader = make_patch_loader(urls, cfg.data, rank=accelerator.process_index,
+                               world_size=accelerator.num_processes, seed=cfg.train.seed, epoch=step)
+    batch = next(iter(loader))  # {"thick": (B, 1, 8, P, P), "thin": (B, 1, 40, P, P), "key": [...]}
+
+Do NOT pass the loader through `accelerator.prepare`: it is already split by rank here, and prepare would
+split it a second time and drop half the data (../shared/STACK.md, webdataset).
+
+The pipeline, per rank and DataLoader worker (one stage per line in `_PatchPipeline`):
+shard URLs -> node split -> worker split -> read tar (bad shards warned and skipped) -> decode -> K aligned
+patch pairs per volume (ctld/data/patches.py) -> shuffle patches -> batch (HU -> [-1, 1]). Tar members are
+read with one `read` each (`iter_tar_members`), at page-cache speed, and volumes are decoded without a copy,
+so one decode of a 150 MB volume is shared by its `patches_per_volume` patches.
+
+Training streams (`resampled=True`) draw shards with replacement, independently on every rank and worker,
+forever; each pass over the loader is cut to `ceil(samples_per_epoch / batch_size)` batches (`with_epoch`),
+so every rank runs the same number of steps whatever its shards hold: uneven shard counts cannot hang DDP.
+`resampled=False` reads each shard once, split disjointly over ranks and then workers (validation); ranks
+may then yield different numbers of batches, so gather results after the loop, not per batch.
+
+Randomness and resume: every random choice (shard draws, crops, flips, shuffle order) comes from a numpy
+generator seeded with (seed, data.seed, rank, worker, epoch, pass, stage), where `pass` counts `iter()` calls on the
+loader (resampled only; a validation loader yields the same patches every pass). Building the loader again
+with the same arguments replays the same stream exactly. The trainer passes `epoch=<resume step>`, so a
+resumed run draws a fresh stream, reproducible from (seed, step). Resume does NOT restore the position inside
+the old stream (shuffle buffer, the shard being read, patches not yet consumed): with resampling the stream
+has no position to restore, and a resumed run may see a patch it saw before the checkpoint. Changing the
+number of ranks or workers changes the stream.
+
+Bad input is counted per worker and logged as warnings naming the shard or sample: unreadable or truncated
+shards (the samples before the damage are kept), samples that fail to decode, samples whose factor differs
+from `data.factor`, and volumes smaller than a patch when `small_volume: skip` (padded volumes are counted
+and logged at INFO). A worker fails with RuntimeError once more than `max_skipped_fraction` of its samples
+were skipped, or once 8 shards in a row fail, instead of spinning forever on a broken dataset.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import math
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import group_by_keys
+
+from ctld.config import DataConfig
+from ctld.data.patches import covered_pair, fits_patch, sample_patch_pairs_d
+from ctld.data.transforms import hu_to_model
+
+# Not accelerate's get_logger: this code also runs in DataLoader workers and without an Accelerator
+# (benchmarks), and a damaged shard must be reported by whichever rank reads it, not only the main one.
+logger = logging.getLogger(__name__)
+
+# Fail a worker after this many shards in a row could not be read (every URL wrong, bucket unreachable).
+MAX_CONSECUTIVE_BAD_SHARDS = 8
+# Judge the skipped fraction only after this many samples, so one bad sample at the start is not fatal.
+MIN_SAMPLES_BEFORE_FAILING = 20
+# Warn for the first few events of each kind, then every 100th, so a large damaged set does not flood logs.
+_WARN_FIRST = 5
+_WARN_EVERY = 100
+# Read buffer for shard streams (local files, pipe: commands): large reads for 10-150 MB members.
+_READ_BUFSIZE = 1 << 20
+# Seed stage tags: each random stage gets its own generator, so adding draws in one leaves the others alone.
+_STAGE_SHARDS, _STAGE_PATCHES, _STAGE_SHUFFLE = 1, 2, 3
+
+
+def shard_urls(data_cfg: DataConfig, split: str) -> list[str]:
+    """Shard URLs of one split: `data.train_urls` / `data.val_urls` when set, else `<shards_dir>/manifest.json`.
+
+    Explicit URLs may be local paths, brace patterns (`/data/train-{000000..000099}.tar`), `pipe:` commands
+    for object stores (`pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -`) or http(s) URLs; several
+    patterns can be joined with `::`. Manifest shard names are resolved relative to `shards_dir`.
+    """
+    explicit = {"train": data_cfg.train_urls, "val": data_cfg.val_urls}.get(split, "")
+    if explicit:
+        urls = list(wds.shardlists.expand_urls(explicit))
+        if not urls:
+            raise ValueError(f"data.{split}_urls={explicit!r} expands to no shard URLs")
+        return urls
+    shards_dir = Path(data_cfg.shards_dir)
+    manifest_path = shards_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"no shard manifest at {manifest_path}: build shards with `ctld-shards build ... --out {shards_dir}`, "
+            f"or set --data.shards_dir to that folder, or list shards with --data.{split}_urls=..."
+        )
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    if "factor" in manifest and manifest["factor"] != data_cfg.factor:
+        raise ValueError(
+            f"{manifest_path} was built with factor {manifest['factor']} but data.factor is {data_cfg.factor}: "
+            f"every sample would be skipped; pass --data.factor={manifest['factor']} or rebuild the shards"
+        )
+    names = _manifest_shards(manifest, split, manifest_path)
+    urls = []
+    for name in names:
+        path = Path(name) if Path(name).is_absolute() else shards_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"shard {path} listed in {manifest_path} is missing; copy the whole shard folder or rebuild it"
+            )
+        urls.append(str(path))
+    if not urls:
+        raise ValueError(
+            f"{manifest_path} lists no '{split}' shards (too few patients for shards.val_fraction / "
+            "test_fraction? `ctld-shards inspect` shows the split sizes)"
+        )
+    return urls
+
+
+def _manifest_shards(manifest: dict[str, Any], split: str, path: Path) -> list[str]:
+    """Shard file names of `split` from a `ctld-shards build` manifest ({"shards": [{"name", "split", ...}]})."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise ValueError(f"{path} has no 'shards' list; is it a manifest written by `ctld-shards build`?")
+    names = []
+    for entry in shards:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ValueError(f"{path}: shard entry {entry!r} has no 'name'; rebuild with `ctld-shards build`")
+        if entry.get("split") == split:
+            names.append(entry["name"])
+    return names
+
+
+def check_data_config(data_cfg: DataConfig) -> None:
+    """Raise ValueError naming the first `data.*` value the loader cannot work with."""
+    for name in ("factor", "depth_thick", "patch_size", "patches_per_volume", "batch_size", "samples_per_epoch"):
+        if getattr(data_cfg, name) < 1:
+            raise ValueError(f"data.{name} must be >= 1, got {getattr(data_cfg, name)}")
+    if data_cfg.num_workers < 0 or data_cfg.shuffle_buffer < 0:
+        raise ValueError(f"data.num_workers ({data_cfg.num_workers}) and data.shuffle_buffer must be >= 0")
+    if data_cfg.hu_max <= data_cfg.hu_min:
+        raise ValueError(f"data.hu_max ({data_cfg.hu_max}) must be greater than data.hu_min ({data_cfg.hu_min})")
+    if data_cfg.small_volume not in ("pad", "skip"):
+        raise ValueError(f"data.small_volume must be 'pad' or 'skip', got {data_cfg.small_volume!r}")
+    for name in ("min_foreground_fraction", "max_skipped_fraction"):
+        if not 0.0 <= getattr(data_cfg, name) <= 1.0:
+            raise ValueError(f"data.{name} must be within [0, 1], got {getattr(data_cfg, name)}")
+
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Raw shard sample (bytes per file) -> {"__key__", "__url__", "thick", "thin", "factor", "offset", "meta"}.
+
+    Arrays are read-only views of the sample's bytes (no copy of a 150 MB volume); patches are copies.
+    Raises ValueError naming what is missing or wrong.
+    """
+    missing = [name for name in ("thin.npy", "thick.npy", "json") if name not in sample]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)} (has {sorted(k for k in sample if not k.startswith('__'))})")
+    meta = json.loads(sample["json"])
+    try:
+        factor, offset = int(meta["factor"]), int(meta["offset"])
+    except (KeyError, TypeError, ValueError) as exn:
+        raise ValueError(f"json needs integer 'factor' and 'offset' (format_version 1): {exn!r}") from exn
+    thin, thick = _npy_view(sample["thin.npy"], "thin.npy"), _npy_view(sample["thick.npy"], "thick.npy")
+    if thin.shape[1:] != thick.shape[1:]:
+        raise ValueError(f"thin {thin.shape} and thick {thick.shape} differ in-plane")
+    return {
+        "__key__": sample["__key__"],
+        "__url__": sample.get("__url__", ""),
+        "thick": thick,
+        "thin": thin,
+        "factor": factor,
+        "offset": offset,
+        "meta": meta,
+    }
+
+
+def _npy_view(data: bytes, name: str) -> np.ndarray:
+    """An int16 (D, H, W) array over the bytes of a .npy file, without copying (np.load would copy)."""
+    header = io.BytesIO(data)
+    version = np.lib.format.read_magic(header)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        raise ValueError(f"{name} is .npy format {version}; expected 1.0 or 2.0 (numpy.save writes those)")
+    shape, fortran_order, dtype = read_header[version](header)
+    if dtype != np.int16 or len(shape) != 3:
+        raise ValueError(f"{name} must be int16 (D, H, W) HU (format_version 1), got {dtype} {shape}")
+    count = math.prod(shape)
+    if len(data) - header.tell() < count * dtype.itemsize:
+        raise ValueError(f"{name} is truncated: {len(data) - header.tell()} bytes for shape {shape}")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=header.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+def collate_patches(patches: list[dict[str, Any]], *, hu_min: float, hu_max: float) -> dict[str, Any]:
+    """Patch dicts (int16 HU) -> {"thick": (B, 1, Dk, P, P), "thin": (B, 1, Dk*f, P, P) float32 in [-1, 1], "key"}."""
+    thick = hu_to_model(np.stack([p["thick"] for p in patches]), hu_min, hu_max)
+    thin = hu_to_model(np.stack([p["thin"] for p in patches]), hu_min, hu_max)
+    return {
+        "thick": torch.from_numpy(thick).unsqueeze(1),  # (B, 1, Dk, P, P)
+        "thin": torch.from_numpy(thin).unsqueeze(1),  # (B, 1, Dk * factor, P, P)
+        "key": [p["__key__"] for p in patches],
+    }
+
+
+class _StreamState:
+    """What the seeds and the counters of one stream depend on; copied into each worker when it starts."""
+
+    def __init__(
+        self, *, seed: int, data_seed: int, rank: int, world_size: int, epoch: int, max_skipped_fraction: float
+    ):
+        for name, value in (("seed", seed), ("data.seed", data_seed), ("rank", rank), ("epoch", epoch)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.seed, self.data_seed, self.rank, self.world_size, self.epoch = seed, data_seed, rank, world_size, epoch
+        self.max_skipped_fraction = max_skipped_fraction
+        self.pass_index = 0
+        self.counts: Counter[str] = Counter()
+        self.bad_shards_in_a_row = 0
+
+    @staticmethod
+    def worker() -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def rng(self, stage: int) -> np.random.Generator:
+        worker, _ = self.worker()
+        return np.random.default_rng([self.seed, self.data_seed, self.rank, worker, self.epoch, self.pass_index, stage])
+
+    def where(self) -> str:
+        worker, num_workers = self.worker()
+        return f"rank {self.rank}/{self.world_size}, worker {worker}/{num_workers}"
+
+    def count(self, kind: str, message: str, level: int = logging.WARNING) -> None:
+        """Count one event; log the first few of each kind, then every 100th, with the running totals."""
+        self.counts[kind] += 1
+        number = self.counts[kind]
+        if number <= _WARN_FIRST or number % _WARN_EVERY == 0:
+            logger.log(level, "%s (%s; %s #%d; totals %s)", message, self.where(), kind, number, dict(self.counts))
+
+    def check_skipped(self) -> None:
+        seen = self.counts["volumes"]
+        skipped = sum(self.counts[kind] for kind in ("bad_sample", "factor_mismatch", "too_small"))
+        if seen >= MIN_SAMPLES_BEFORE_FAILING and skipped > self.max_skipped_fraction * seen:
+            raise RuntimeError(
+                f"{self.where()} skipped {skipped} of {seen} samples ({dict(self.counts)}), more than "
+                f"data.max_skipped_fraction={self.max_skipped_fraction}: check data.factor against the shards' "
+                "factor, data.small_volume, and the warnings above"
+            )
+
+
+class _ShardSource:
+    """First stage: {"url": ...} dicts, drawn with replacement forever (resampled) or the list once."""
+
+    def __init__(self, urls: list[str], state: _StreamState, resampled: bool):
+        self.urls, self.state, self.resampled = urls, state, resampled
+
+    def __call__(self):
+        self.state.counts.clear()
+        self.state.bad_shards_in_a_row = 0
+        if not self.resampled:
+            for url in self.urls:
+                yield {"url": url}
+            return
+        rng = self.state.rng(_STAGE_SHARDS)
+        while True:
+            yield {"url": self.urls[int(rng.integers(len(self.urls)))]}
+
+
+class _SplitByRank:
+    """Node split from the rank and world size the trainer passes, not from RANK/WORLD_SIZE env variables
+    (webdataset's split_by_node reads those, and in a PyTorchJob pod they count nodes, not processes)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, src):
+        for index, shard in enumerate(src):
+            if index % self.world_size == self.rank:
+                yield shard
+
+
+class _ReadShards:
+    """Tar shards -> raw samples. A shard that fails to open or read (truncated, corrupt, pipe: command that
+    exits non-zero) is reported with its URL and skipped; the complete samples before the damage are kept."""
+
+    def __init__(self, state: _StreamState):
+        self.state = state
+
+    def __call__(self, src):
+        state = self.state
+        for shard in src:
+            url = shard["url"]
+            stream, yielded = None, 0
+            try:
+                stream = wds.gopen(url, bufsize=_READ_BUFSIZE)  # local path, pipe: command or http(s) URL
+                for sample in group_by_keys(iter_tar_members(stream, url), handler=reraise_exception):
+                    yielded += 1
+                    yield sample
+                stream, done = None, stream
+                done.close()  # a pipe: command's exit status is checked here
+            except Exception as exn:  # noqa: BLE001 - any read failure of one shard is reported, not fatal
+                state.bad_shards_in_a_row += 1
+                state.count("bad_shard", f"skipping the rest of shard {url} after {yielded} samples: {exn!r}")
+                if state.bad_shards_in_a_row >= MAX_CONSECUTIVE_BAD_SHARDS:
+                    raise RuntimeError(
+                        f"{state.where()}: {state.bad_shards_in_a_row} shards in a row failed to read, the last "
+                        f"{url}: {exn!r}. Check data.train_urls / data.shards_dir and the storage"
+                    ) from exn
+            else:
+                state.bad_shards_in_a_row = 0
+            finally:
+                _close_quietly(stream)  # after a read error, or when the consumer stops mid-shard (end of a pass)
+
+
+def iter_tar_members(stream, url: str):
+    """{"fname", "data", "__url__"} per regular file of a tar stream (what webdataset's tar_file_iterator
+    yields), reading each member with one `read` call.
+
+    tarfile's stream mode ("r|*", used by webdataset) reads members through 10 KiB chunks that it joins and
+    slices again, about 170 MB/s here, too slow to keep a GPU fed with 150 MB volumes; this reader runs at
+    page-cache speed (about 1.2 GB/s) on local files, pipes and http alike. It handles ustar, GNU long names,
+    pax headers and gzip-compressed shards; damage raises tarfile.ReadError.
+    """
+    first = _read_exactly(stream, tarfile.BLOCKSIZE)
+    if first[:2] == b"\x1f\x8b":  # a .tar.gz shard
+        stream = gzip.GzipFile(fileobj=_Prefixed(first, stream))
+        first = _read_exactly(stream, tarfile.BLOCKSIZE)
+    header, next_name, next_size = first, None, None
+    while header:
+        if len(header) < tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"truncated tar header ({len(header)} bytes)")
+        try:
+            member = tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+        except tarfile.EOFHeaderError:
+            return  # the zero block that ends the archive
+        size = member.size if next_size is None else next_size
+        data = _read_exactly(stream, size)
+        if len(data) < size:
+            raise tarfile.ReadError(f"unexpected end of data in {member.name}: {len(data)} of {size} bytes")
+        _read_exactly(stream, -size % tarfile.BLOCKSIZE)  # padding to the next block
+        if member.type == tarfile.GNUTYPE_LONGNAME:
+            next_name = data.rstrip(b"\0").decode(tarfile.ENCODING, "surrogateescape")
+        elif member.type == tarfile.XHDTYPE:  # pax records "<length> <key>=<value>\n" for the next member
+            records = dict(_pax_records(data))
+            next_name = records.get("path", next_name)
+            next_size = int(records["size"]) if "size" in records else next_size
+        else:
+            if member.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE):
+                yield {"fname": next_name or member.name, "data": data, "__url__": url}
+            next_name, next_size = None, None
+        header = _read_exactly(stream, tarfile.BLOCKSIZE)
+
+
+def _pax_records(data: bytes):
+    position = 0
+    while position < len(data):
+        length = int(data[position : data.index(b" ", position)])
+        key, _, value = data[data.index(b" ", position) + 1 : position + length - 1].partition(b"=")
+        yield key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+        position += length
+
+
+def _read_exactly(stream, size: int) -> bytes:
+    """`size` bytes, fewer only at the end of the stream (a raw pipe may return short reads)."""
+    data = stream.read(size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        part = stream.read(size - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream that returns `prefix` first, then the rest of `stream` (to hand already-read bytes to gzip)."""
+
+    def __init__(self, prefix: bytes, stream):
+        self.prefix, self.stream = prefix, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.prefix:
+            count = min(len(buffer), len(self.prefix))
+            buffer[:count], self.prefix = self.prefix[:count], self.prefix[count:]
+            return count
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _close_quietly(stream) -> None:
+    if stream is None:
+        return
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001 - the read error already being reported is the useful one
+        pass
+
+
+class _DecodePairs:
+    """Raw samples -> decoded pairs of the configured factor; bad samples and other factors counted, skipped."""
+
+    def __init__(self, state: _StreamState, factor: int):
+        self.state, self.factor = state, factor
+
+    def __call__(self, src):
+        state = self.state
+        for raw in src:
+            state.counts["volumes"] += 1
+            where = f"sample {raw.get('__key__')!r} in shard {raw.get('__url__')}"
+            try:
+                sample = decode_sample(raw)
+            except Exception as exn:  # noqa: BLE001 - undecodable bytes come in many exception types
+                state.count("bad_sample", f"skipping {where}: {exn}")
+                state.check_skipped()
+                continue
+            if sample["factor"] != self.factor:
+                state.count(
+                    "factor_mismatch",
+                    f"skipping {where}: factor {sample['factor']} != data.factor {self.factor}",
+                )
+                state.check_skipped()
+                continue
+            yield sample
+
+
+class _SamplePatches:
+    """Decoded pair -> K aligned patch pairs (ctld/data/patches.py); small volumes padded or skipped, counted."""
+
+    def __init__(self, state: _StreamState, data_cfg: DataConfig):
+        self.state, self.cfg = state, data_cfg
+
+    def __call__(self, src):
+        state, cfg = self.state, self.cfg
+        rng = state.rng(_STAGE_PATCHES)
+        for sample in src:
+            shape = sample["thick"].shape
+            covered, _ = covered_pair(sample["thick"], sample["thin"], factor=sample["factor"], offset=sample["offset"])
+            small = not fits_patch(covered.shape, depth_thick=cfg.depth_thick, patch_size=cfg.patch_size)
+            patches = sample_patch_pairs_d(
+                sample,
+                rng=rng,
+                depth_thick=cfg.depth_thick,
+                patch_size=cfg.patch_size,
+                count=cfg.patches_per_volume,
+                augment=cfg.augment,
+                min_foreground_fraction=cfg.min_foreground_fraction,
+                small_volume=cfg.small_volume,
+            )
+            where = f"sample {sample['__key__']!r} in shard {sample['__url__']}"
+            if patches is None:
+                why = (
+                    "no thick slice has its whole thin slab"
+                    if covered.shape[0] == 0
+                    else f"holds no whole {cfg.depth_thick}x{cfg.patch_size}x{cfg.patch_size} patch "
+                    f"(data.small_volume={cfg.small_volume})"
+                )
+                state.count(
+                    "too_small",
+                    f"skipping {where}: thick {shape} / thin {sample['thin'].shape} (offset {sample['offset']}) {why}",
+                )
+                state.check_skipped()
+                continue
+            if small:
+                state.count(
+                    "padded", f"padding {where} (covered thick {covered.shape}) with air to a whole patch", logging.INFO
+                )
+            yield from patches
+
+
+class _ShufflePatches:
+    """Shuffle buffer of patch pairs, so the K patches of one volume spread over several batches."""
+
+    def __init__(self, state: _StreamState, size: int):
+        self.state, self.size = state, size
+
+    def __call__(self, src):
+        if self.size < 2:
+            yield from src
+            return
+        rng = self.state.rng(_STAGE_SHUFFLE)
+        buffer: list[dict] = []
+        for item in src:
+            buffer.append(item)
+            if len(buffer) >= self.size:
+                index = int(rng.integers(len(buffer)))
+                buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                yield buffer.pop()
+        order = rng.permutation(len(buffer))
+        yield from (buffer[i] for i in order)
+
+
+class _Collate:
+    def __init__(self, hu_min: float, hu_max: float):
+        self.hu_min, self.hu_max = hu_min, hu_max
+
+    def __call__(self, patches: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_patches(patches, hu_min=self.hu_min, hu_max=self.hu_max)
+
+
+class _PatchPipeline(wds.DataPipeline):
+    """The per-worker stream of batches; `state.pass_index` is read when a worker starts."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        data_cfg: DataConfig,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        resampled: bool,
+        epoch: int,
+    ):
+        self.state = _StreamState(
+            seed=seed,
+            data_seed=data_cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            epoch=epoch,
+            max_skipped_fraction=data_cfg.max_skipped_fraction,
+        )
+        super().__init__(
+            _ShardSource(urls, self.state, resampled),  # shard URLs: drawn with replacement, or the list once
+            None if resampled else _SplitByRank(rank, world_size),  # node split (resampled: every rank draws)
+            None if resampled else wds.split_by_worker,  # worker split (resampled: every worker draws its own)
+            _ReadShards(self.state),  # tar -> raw samples; unreadable/truncated shards warned and skipped
+            _DecodePairs(self.state, data_cfg.factor),  # npy/json -> arrays; other factors, bad samples skipped
+            _SamplePatches(self.state, data_cfg),  # K aligned patch pairs per volume, cropped/padded/augmented
+            _ShufflePatches(self.state, data_cfg.shuffle_buffer),  # mix patches of different volumes
+            wds.batched(  # batch: stack and map HU -> [-1, 1]
+                data_cfg.batch_size, collation_fn=_Collate(data_cfg.hu_min, data_cfg.hu_max), partial=not resampled
+            ),
+        )
+
+
+class PatchLoader(wds.WebLoader):
+    """A WebLoader that starts each pass of a resampled stream with a new seed (see the module docstring)."""
+
+    def __init__(self, dataset: _PatchPipeline, *, resampled: bool, **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.patch_pipeline, self.resampled, self.passes_started = dataset, resampled, 0
+
+    def __iter__(self):
+        # Set before the DataLoader starts its workers, which copy the pipeline (and this index) when they start.
+        if self.resampled:
+            self.patch_pipeline.state.pass_index = self.passes_started
+        self.passes_started += 1
+        return super().__iter__()
+
+
+def make_patch_loader(
+    urls: list[str] | str,
+    data_cfg: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    resampled: bool = True,
+    num_workers: int | None = None,
+    epoch: int = 0,
+) -> PatchLoader:
+    """Loader of aligned patch-pair batches for one rank; do not pass it through `accelerator.prepare`.
+
+    Args:
+        urls: shard URLs (`shard_urls(cfg.data, split)`), or one pattern string (`train-{000000..000009}.tar`).
+        data_cfg: `cfg.data` (patch geometry, factor, intensities, batch size, workers, shuffle, augmentation).
+        rank, world_size: `accelerator.process_index`, `accelerator.num_processes`.
+        seed: base seed (`cfg.train.seed`); see the module docstring for what the stream depends on.
+        resampled: True = infinite shard resampling cut into passes of equal length on every rank (training);
+            False = each shard once, disjoint over ranks and workers (validation).
+        num_workers: DataLoader workers for this rank; None = `data_cfg.num_workers`.
+        epoch: folded into every seed; the trainer passes the resume step so a resumed run draws fresh data.
+
+    Returns:
+        An iterable of {"thick": float32 (B, 1, depth_thick, P, P) in [-1, 1], "thin": float32
+        (B, 1, depth_thick * factor, P, P), "key": list of B shard sample keys}. With `resampled=True` every
+        pass yields exactly `ceil(samples_per_epoch / batch_size)` batches (`len(loader)`).
+    """
+    check_data_config(data_cfg)
+    urls = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else list(urls)
+    if not urls:
+        raise ValueError("no shard URLs given; use shard_urls(cfg.data, split) or set --data.train_urls=...")
+    num_workers = data_cfg.num_workers if num_workers is None else num_workers
+    if not resampled:
+        # Shards are split over ranks, then workers: a worker without a shard would only cost a process.
+        rank_shards = len(range(rank, len(urls), world_size))
+        num_workers = min(num_workers, rank_shards)
+        if rank_shards == 0:
+            logger.warning(
+                "rank %d of %d gets none of the %d shards and yields no batches; write smaller shards "
+                "(shards.shard_max_samples) so every rank gets some",
+                rank,
+                world_size,
+                len(urls),
+            )
+    dataset = _PatchPipeline(
+        urls, data_cfg, rank=rank, world_size=world_size, seed=seed, resampled=resampled, epoch=epoch
+    )
+    loader = PatchLoader(
+        dataset,
+        resampled=resampled,
+        batch_size=None,  # batched inside the workers
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,  # workers must restart each pass to pick up the new pass seed
+    )
+    if resampled:
+        num_batches = math.ceil(data_cfg.samples_per_epoch / data_cfg.batch_size)
+        loader = loader.with_epoch(num_batches).with_length(num_batches, silent=True)
+    return loader

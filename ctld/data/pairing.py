@@ -1,0 +1,227 @@
+"""Thick/thin pairing (DESIGN.md, Thick/thin alignment) and the shard sample built from a pair.
+
+A real pair is a thin and a thick series of one study and frame of reference with the same orientation and
+in-plane grid, `factor = thick dz / thin dz` (an integer within 1%) and overlapping z. Thick slice k covers thin
+slices `[offset + k*factor, offset + (k+1)*factor)`: its centre `z_k` is the centre of those thin slices, so
+
+    offset = (z_thick_0 - z_thin_0) / dz_thin - (factor - 1) / 2        (must be an integer within 0.25 slice)
+
+Thick slices whose slab is not fully inside the thin series are cropped, so `offset >= 0` in every sample.
+A thin series without a partner gets a simulated thick input (`simulate_thick`, offset 0).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ctld.data.transforms import simulate_thick
+from ctld.data.volume import Volume
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What pairing needs to know about a series, available from headers before any pixel is decoded."""
+
+    series_id: str
+    case_id: str
+    study_id: str
+    frame_of_reference_id: str
+    shape: tuple[int, int, int]  # (D, H, W)
+    spacing_mm: tuple[float, float, float]  # (dz, dy, dx)
+    origin_mm: tuple[float, float, float]
+    direction: tuple[float, ...]  # 3x3 row-major
+
+    @classmethod
+    def of(cls, item) -> Geometry:
+        """From a Volume or a `ctld.data.dicom.SeriesPlan`."""
+        return cls(
+            series_id=item.series_id,
+            case_id=item.case_id,
+            study_id=item.study_id,
+            frame_of_reference_id=item.frame_of_reference_id,
+            shape=tuple(int(v) for v in item.shape),
+            spacing_mm=tuple(float(v) for v in item.spacing_mm),
+            origin_mm=tuple(float(v) for v in item.origin_mm),
+            direction=tuple(float(v) for v in np.asarray(item.direction).ravel()),
+        )
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return np.asarray(self.direction).reshape(3, 3)
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """How a thick partner lines up with a thin series: keep thick slices [thick_start, thick_stop)."""
+
+    thick_series_id: str
+    offset: int  # thin index of the first thin slice under kept thick slice 0
+    thick_start: int
+    thick_stop: int
+
+
+def spacing_class(spacing_z_mm: float, thin_max_spacing_mm: float, thick_min_spacing_mm: float) -> str:
+    if spacing_z_mm <= thin_max_spacing_mm:
+        return "thin"
+    if spacing_z_mm >= thick_min_spacing_mm:
+        return "thick"
+    return "intermediate"
+
+
+def align(thin: Geometry, thick: Geometry, factor: int) -> Alignment | None:
+    """The alignment of `thick` to `thin`, or None when they are not a real pair with this factor."""
+    if thin.case_id != thick.case_id or thin.study_id != thick.study_id:
+        return None
+    if thin.frame_of_reference_id != thick.frame_of_reference_id:
+        return None
+    if thin.shape[1:] != thick.shape[1:] or not np.allclose(thin.matrix, thick.matrix, atol=1e-3):
+        return None
+    if not np.allclose(thin.spacing_mm[1:], thick.spacing_mm[1:], rtol=0.01):
+        return None
+    dz_thin, dy, dx = thin.spacing_mm
+    if abs(thick.spacing_mm[0] / dz_thin - factor) > 0.01 * factor:
+        return None
+    direction = thin.matrix
+    delta = np.asarray(thick.origin_mm) - np.asarray(thin.origin_mm)
+    if abs(delta @ direction[:, 0]) > 0.5 * dx or abs(delta @ direction[:, 1]) > 0.5 * dy:
+        return None  # in-plane grids do not coincide
+    offset_float = (delta @ direction[:, 2]) / dz_thin - (factor - 1) / 2
+    offset = round(offset_float)
+    if abs(offset_float - offset) > 0.25:
+        return None  # thick slab centres fall between thin slices
+    start = max(0, math.ceil(-offset / factor))
+    stop = min(thick.shape[0], (thin.shape[0] - offset) // factor)
+    if stop - start < 1:
+        return None
+    return Alignment(thick.series_id, offset + start * factor, start, stop)
+
+
+def find_partners(geometries: list[Geometry], factor: int, thin_max_mm: float, thick_min_mm: float):
+    """Thin series -> best thick Alignment (or None); plus the series that become no sample and why.
+
+    Returns:
+        (partners {thin series_id: Alignment | None}, unused [(series_id, reason)])
+    """
+    thins = [g for g in geometries if spacing_class(g.spacing_mm[0], thin_max_mm, thick_min_mm) == "thin"]
+    thicks = [g for g in geometries if spacing_class(g.spacing_mm[0], thin_max_mm, thick_min_mm) == "thick"]
+    partners: dict[str, Alignment | None] = {}
+    used = set()
+    for thin in sorted(thins, key=lambda g: g.series_id):
+        candidates = [a for a in (align(thin, thick, factor) for thick in thicks) if a is not None]
+        best = max(candidates, key=lambda a: (a.thick_stop - a.thick_start, a.thick_series_id), default=None)
+        partners[thin.series_id] = best
+        if best is not None:
+            used.add(best.thick_series_id)
+    unused = [(g.series_id, "unpaired_thick") for g in thicks if g.series_id not in used]
+    unused += [
+        (g.series_id, "intermediate_spacing")
+        for g in geometries
+        if spacing_class(g.spacing_mm[0], thin_max_mm, thick_min_mm) == "intermediate"
+    ]
+    return partners, sorted(unused)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def sample_key(volume: Volume) -> str:
+    return f"{volume.case_id}_{volume.series_id}"
+
+
+def resample_inplane(hu: np.ndarray, spacing_mm, new_spacing_mm: float) -> tuple[np.ndarray, tuple]:
+    """Linear in-plane resampling of (D, H, W) HU to square pixels of `new_spacing_mm`; depth untouched. The
+    grid keeps voxel (0, 0) where it was (the origin does not move)."""
+    from scipy.ndimage import zoom
+
+    dz, dy, dx = spacing_mm
+    height = max(1, round(hu.shape[1] * dy / new_spacing_mm))
+    width = max(1, round(hu.shape[2] * dx / new_spacing_mm))
+    if (height, width) == hu.shape[1:] and np.allclose((dy, dx), new_spacing_mm, rtol=1e-3):
+        return hu, tuple(spacing_mm)
+    # grid_mode=False maps corner voxel centres onto each other, so the new spacing is (n_in - 1) / (n_out - 1).
+    out = zoom(hu.astype(np.float32), (1.0, height / hu.shape[1], width / hu.shape[2]), order=1, mode="nearest",
+               grid_mode=False)  # fmt: skip
+    assert out.shape[1:] == (height, width), out.shape
+    spacing = (
+        dz,
+        dy * (hu.shape[1] - 1) / (height - 1) if height > 1 else new_spacing_mm,
+        dx * (hu.shape[2] - 1) / (width - 1) if width > 1 else new_spacing_mm,
+    )
+    return np.rint(out).astype(np.int16), spacing
+
+
+def make_sample(
+    thin: Volume,
+    thick: Volume | None,
+    alignment: Alignment | None,
+    *,
+    factor: int,
+    split: str,
+    inplane_spacing_mm: float = 0.0,
+) -> dict:
+    """The shard sample (DESIGN.md, Shard sample) of a thin volume and its real or simulated thick partner.
+
+    Returns a dict with `__key__`, `thin.npy`, `thick.npy` (encoded .npy bytes) and `json` (a dict)."""
+    if thin.hu.shape[0] < factor:
+        raise ValueError(f"thin series {thin.series_id} has {thin.hu.shape[0]} slices, fewer than factor={factor}")
+    direction = np.asarray(thin.direction)
+    if thick is not None and alignment is not None:
+        if thick.hu.shape[1:] != thin.hu.shape[1:]:
+            raise ValueError(f"thick series {thick.series_id} in-plane shape differs from thin {thin.series_id}")
+        thick_hu = thick.hu[alignment.thick_start : alignment.thick_stop]
+        thick_origin = np.asarray(thick.origin_mm) + alignment.thick_start * thick.spacing_mm[0] * direction[:, 2]
+        thick_spacing = thick.spacing_mm
+        offset, source = alignment.offset, "real"
+        thick_meta = {k: v for k, v in thick.meta.items() if k in ("slice_thickness_mm", "kernel", "repairs")}
+    else:
+        thick_hu = simulate_thick(thin.hu, factor)
+        dz = thin.spacing_mm[0]
+        # Simulated thick slice k is centred on its thin slab (DESIGN.md, Geometry convention).
+        thick_origin = np.asarray(thin.origin_mm) + (factor - 1) / 2 * dz * direction[:, 2]
+        thick_spacing = (dz * factor, thin.spacing_mm[1], thin.spacing_mm[2])
+        offset, source, thick_meta = 0, "simulated", {}
+    thin_hu, thin_spacing = thin.hu, thin.spacing_mm
+    if inplane_spacing_mm > 0:  # same resampling on both, so thick and thin stay on one in-plane grid
+        thin_hu, thin_spacing = resample_inplane(thin_hu, thin_spacing, inplane_spacing_mm)
+        thick_hu, resampled = resample_inplane(thick_hu, thick_spacing, inplane_spacing_mm)
+        thick_spacing = (thick_spacing[0], resampled[1], resampled[2])
+    thin_meta = {
+        k: v
+        for k, v in thin.meta.items()
+        if k in ("source", "manufacturer", "model", "kernel", "slice_thickness_mm", "repairs")
+    }
+    info = {
+        "format_version": FORMAT_VERSION,
+        "case_id": thin.case_id,
+        "series_id": thin.series_id,
+        "study_id": thin.study_id,
+        "split": split,
+        "factor": int(factor),
+        "offset": int(offset),
+        "thick_source": source,
+        "thin_spacing_mm": [float(v) for v in thin_spacing],
+        "thick_spacing_mm": [float(v) for v in thick_spacing],
+        "thin_origin_mm": [float(v) for v in thin.origin_mm],
+        "thick_origin_mm": [float(v) for v in thick_origin],
+        "direction": direction.tolist(),
+        "shape_thin": list(thin_hu.shape),
+        "shape_thick": list(thick_hu.shape),
+        "meta": {**thin_meta, **({"thick": thick_meta} if thick_meta else {})},
+    }
+    if source == "real":
+        info["thick_series_id"] = thick.series_id
+    return {
+        "__key__": sample_key(thin),
+        "thin.npy": _npy_bytes(thin_hu.astype(np.int16, copy=False)),
+        "thick.npy": _npy_bytes(thick_hu.astype(np.int16, copy=False)),
+        "json": info,
+    }

@@ -1,0 +1,261 @@
+"""`ctld-shards build|inspect|verify` end to end on synthetic DICOM (tests/conftest.py) and the real CT files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from conftest import FACTOR, SHARDS_SALT, THICK_OFFSET, THIN_DEPTH
+
+from ctld.data import build_shards
+from ctld.data.dicom import anon_id
+from ctld.data.transforms import simulate_thick
+
+
+def _samples(out: Path) -> dict[str, dict]:
+    """Every sample of every shard, decoded with webdataset as the loader will."""
+    urls = sorted(str(p) for p in out.glob("*.tar"))
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode()
+    return {sample["__key__"]: sample | {"__url__": sample["__url__"]} for sample in dataset}
+
+
+def _case(study: dict) -> str:
+    return anon_id(study["patient"]["PatientID"], SHARDS_SALT, "patient")
+
+
+def test_round_trip_arrays_geometry_pairs_and_splits(built_shards, synthetic_dicom):
+    samples = _samples(built_shards)
+    studies = synthetic_dicom["studies"]
+    by_case = {s["json"]["case_id"]: s for s in samples.values()}
+    assert set(by_case) == {_case(studies[k]) for k in ("pair", "thin", "zipped", "other")}  # "broken" skipped
+    for key, study in studies.items():
+        if key == "broken":
+            continue
+        sample = by_case[_case(study)]
+        info = sample["json"]
+        assert sample["__key__"] == f"{info['case_id']}_{info['series_id']}"
+        assert sample["thin.npy"].dtype == np.int16 and sample["thick.npy"].dtype == np.int16
+        np.testing.assert_array_equal(sample["thin.npy"], study["thin_hu"])
+        assert info["format_version"] == 1 and info["factor"] == FACTOR
+        assert info["thin_spacing_mm"] == pytest.approx([1.0, 0.7, 0.7])
+        assert info["thick_spacing_mm"] == pytest.approx([5.0, 0.7, 0.7])
+        assert info["thin_origin_mm"] == pytest.approx([-11.2, -11.2, -30.0])
+        assert info["shape_thin"] == [THIN_DEPTH, 32, 32] and info["direction"] == np.eye(3).tolist()
+        thick, offset = sample["thick.npy"], info["offset"]
+        # DESIGN.md: thick k covers thin [offset + k*f, offset + (k+1)*f), centred on those slices.
+        expected = simulate_thick(sample["thin.npy"][offset:], FACTOR)[: thick.shape[0]]
+        np.testing.assert_array_equal(thick, expected)
+        z_centre = info["thin_origin_mm"][2] + offset + (FACTOR - 1) / 2
+        assert info["thick_origin_mm"][2] == pytest.approx(z_centre)
+        if key == "pair":
+            assert (info["thick_source"], offset, thick.shape) == ("real", THICK_OFFSET, (9, 32, 32))
+        else:
+            assert (info["thick_source"], offset, thick.shape) == ("simulated", 0, (THIN_DEPTH // FACTOR, 32, 32))
+        assert info["split"] == ("val" if key == "thin" else "train")
+        assert Path(sample["__url__"]).name.startswith(info["split"] + "-")
+
+    manifest = json.loads((built_shards / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    assert manifest["splits"]["train"]["samples"] == 3 and manifest["splits"]["val"]["samples"] == 1
+    assert manifest["thick_source"] == {"real": 1, "simulated": 3}
+    broken_id = anon_id(f"uid:{studies['broken']['uids']['thin_series']}", SHARDS_SALT, "series")
+    assert manifest["skipped"] == [{"series_id": broken_id, "reason": "missing_slices", "files": THIN_DEPTH - 1}]
+    assert manifest["geometry"]["thin_depth"] == {"min": 47.0, "median": 47.0, "max": 47.0}
+
+
+def test_no_identifying_string_in_any_shard_byte_or_manifest(built_shards, synthetic_dicom):
+    secrets_ = [SHARDS_SALT, "Synthetic General Hospital", "19700101", "studies.zip", "zipped", "broken"]
+    for study in synthetic_dicom["studies"].values():
+        secrets_ += [study["patient"]["PatientName"], study["patient"]["PatientID"], "SYNTH", *study["uids"].values()]
+    files = [*built_shards.glob("*.tar"), built_shards / "manifest.json"]
+    assert len(files) == 4
+    blob = b"".join(path.read_bytes() for path in files)
+    for secret in secrets_:
+        for encoded in {secret.encode(), secret.upper().encode(), secret.replace("^", " ").encode()}:
+            assert encoded not in blob, f"{secret!r} leaked into shards or manifest"
+    assert not (built_shards / ".salt").exists()  # a configured salt is never written down
+
+
+def test_random_salt_file_is_private_and_reused(tmp_path, monkeypatch):
+    monkeypatch.delenv("CTLD_SALT", raising=False)
+    out = tmp_path / "s"
+    out.mkdir()
+    salt = build_shards.resolve_salt("", out)
+    assert (out / ".salt").stat().st_mode & 0o777 == 0o600
+    assert build_shards.resolve_salt("", out) == salt and len(salt) == 64
+
+
+def test_inspect_and_verify_name_corrupt_and_truncated_shards(built_shards, tmp_path, capsys):
+    assert build_shards.main(["inspect", str(built_shards)]) == 0
+    assert "train    2 shards      3 samples" in capsys.readouterr().out
+    assert build_shards.main(["verify", str(built_shards)]) == 0
+    assert "3 of 3 shards ok" in capsys.readouterr().out
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built_shards, copy)
+    data = (copy / "train-000001.tar").read_bytes()
+    (copy / "train-000001.tar").write_bytes(data[: len(data) // 2])
+    flipped = bytearray((copy / "val-000000.tar").read_bytes())
+    flipped[2000] ^= 0xFF
+    (copy / "val-000000.tar").write_bytes(bytes(flipped))
+    assert build_shards.main(["verify", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "BAD  train-000001.tar: size" in out and "BAD  val-000000.tar: sha256" in out
+    assert "ok   train-000000.tar" in out
+
+
+def test_rerun_is_a_no_op_and_other_settings_are_refused(make_shards, synthetic_dicom):
+    out = make_shards("--shards.shard_max_samples=3")
+    before = {p.name: p.read_bytes() for p in out.glob("*") if p.is_file()}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    argv = [
+        "build",
+        str(synthetic_dicom["root"]),
+        "--out",
+        str(out),
+        f"--shards.salt={SHARDS_SALT}",
+        "--shards.num_workers=1",
+        "--log_level=ERROR",
+        "--shards.shard_max_samples=3",
+    ]
+    assert build_shards.main(argv) == 0
+    assert {p.name: p.read_bytes() for p in out.glob("*") if p.is_file()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == mtimes  # nothing rewritten
+    (out / "train-000000.tar").unlink()  # what `verify` advises for a bad shard: delete it and rerun
+    assert build_shards.main(argv) == 0
+    assert {p.name: p.read_bytes() for p in out.glob("*") if p.is_file()} == before
+    with pytest.raises(SystemExit, match="different build"):
+        build_shards.main(argv[:-1] + ["--shards.shard_max_samples=1"])
+    assert build_shards.main(argv[:-1] + ["--shards.shard_max_samples=1", "--overwrite"]) == 0
+    assert len(list(out.glob("*.tar"))) == 4
+
+
+def test_two_workers_equal_one_worker(make_shards, built_shards):
+    two = make_shards(
+        "--shards.val_fraction=0.3",
+        "--shards.test_fraction=0.0",
+        "--shards.shard_max_samples=2",
+        "--shards.num_workers=2",
+    )
+    assert (two / "manifest.json").read_bytes() == (built_shards / "manifest.json").read_bytes()
+
+
+def test_too_many_skipped_fails_but_writes_manifest(synthetic_dicom, tmp_path, capsys):
+    argv = [
+        "build",
+        str(synthetic_dicom["root"]),
+        "--out",
+        str(tmp_path),
+        f"--shards.salt={SHARDS_SALT}",
+        "--shards.num_workers=1",
+        "--log_level=ERROR",
+        "--shards.max_skipped_fraction=0.1",
+    ]
+    assert build_shards.main(argv) == 1
+    assert "max_skipped_fraction" in capsys.readouterr().err
+    assert json.loads((tmp_path / "manifest.json").read_text())["skipped_counts"] == {"missing_slices": 1}
+
+
+def test_killed_build_resumes_to_the_same_result(make_shards, synthetic_dicom, tmp_path):
+    settings = ["--shards.shard_max_samples=1", "--shards.val_fraction=0.3", "--shards.test_fraction=0.0"]
+    reference = make_shards(*settings)
+    out = tmp_path / "killed"
+    argv = [
+        sys.executable,
+        "-m",
+        "ctld.data.build_shards",
+        "build",
+        str(synthetic_dicom["root"]),
+        "--out",
+        str(out),
+        f"--shards.salt={SHARDS_SALT}",
+        "--shards.num_workers=1",
+        "--log_level=ERROR",
+        *settings,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(argv, env=env, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.tar")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = sorted(p.name for p in out.glob("*.tar"))
+    assert not (out / "manifest.json").exists() and 1 <= len(done) < 4, f"not interrupted mid-build: {done}"
+    assert subprocess.run(argv, env=env, cwd=Path(__file__).resolve().parents[1]).returncode == 0
+    assert (out / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
+    for shard in reference.glob("*.tar"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_nifti_cache_and_unsafe_zip_inputs(make_shards, tmp_path):
+    from conftest import synthetic_ct
+
+    from ctld.data.nifti import write_nifti
+    from ctld.data.volume import Volume
+
+    src = tmp_path / "src"
+    src.mkdir()
+    hu = synthetic_ct(20, 24, seed=5)
+    write_nifti(Volume(hu, (1.25, 0.8, 0.8), (0, 0, 0), np.eye(3)), src / "case_a.nii.gz")
+    np.save(src / "case_b.npy", hu[:, :16, :20])
+    (src / "case_b.json").write_text(json.dumps({"spacing_mm": [1.0, 0.9, 0.9], "patient": "PATIENT-B"}))
+    with tarfile.open(src / "not_a_zip.tar", "w"):
+        pass
+    import zipfile
+
+    with zipfile.ZipFile(src / "evil.zip", "w") as archive:
+        archive.writestr("../../escape.dcm", b"x")
+    out = make_shards(sources=[src])
+    samples = _samples(out)
+    assert len(samples) == 2
+    shapes = sorted(tuple(s["json"]["shape_thin"]) for s in samples.values())
+    assert shapes == [(20, 16, 20), (20, 24, 24)]
+    for sample in samples.values():
+        assert sample["json"]["thick_source"] == "simulated" and sample["thick.npy"].shape[0] == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["archives_skipped"] == 1 and not (tmp_path / "escape.dcm").exists()
+    blob = b"".join(p.read_bytes() for p in [*out.glob("*.tar"), out / "manifest.json"])
+    assert b"PATIENT-B" not in blob and b"case_a" not in blob
+
+
+def test_real_ct_folder_builds_with_every_series_accounted_for(make_shards, shared_ct):
+    out = make_shards("--shards.max_skipped_fraction=1.0", "--shards.num_workers=2", sources=[shared_ct])
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = manifest["skipped_counts"]
+    assert reasons["gantry_tilt"] == 1 and reasons["missing_slices"] == 2
+    assert reasons["too_few_slices"] >= 10 and reasons["duplicate_positions"] >= 1
+    assert manifest["files_skipped"]["unsupported_transfer_syntax"] == 2
+    assert manifest["files_skipped"] == {"not_dicom": 5, "unsupported_transfer_syntax": 2}  # PROVENANCE.txt files
+    # Samples: the 20-slice empty-UID DICOM series (2 mm: thin) and the two 1.5 mm NIfTI volumes.
+    assert manifest["samples"] == 3 and manifest["thick_source"] == {"simulated": 3}
+    accounted = len(manifest["skipped"]) + manifest["samples"] + len(manifest["unused"])
+    assert accounted == manifest["series_total"]
+    samples = _samples(out)
+    dicom_sample = next(s for s in samples.values() if s["json"]["shape_thin"] == [20, 512, 512])
+    assert dicom_sample["json"]["thin_spacing_mm"][0] == pytest.approx(2.0)
+    assert build_shards.main(["verify", str(out)]) == 0
+
+
+def test_inplane_resampling_keeps_thick_and_thin_on_one_grid(make_shards, synthetic_dicom):
+    out = make_shards("--shards.inplane_spacing_mm=1.4", "--shards.val_fraction=0.0", "--shards.test_fraction=0.0")
+    samples = _samples(out)
+    pair = next(s for s in samples.values() if s["json"]["thick_source"] == "real")
+    info = pair["json"]
+    assert pair["thin.npy"].shape == (THIN_DEPTH, 16, 16) and pair["thick.npy"].shape == (9, 16, 16)
+    assert info["thin_spacing_mm"][1:] == pytest.approx([0.7 * 31 / 15] * 2)  # corners kept: 31 steps -> 15
+    assert info["thick_spacing_mm"][1:] == info["thin_spacing_mm"][1:]
+    # Resampling commutes with slab averaging up to rounding: the pair stays aligned.
+    expected = simulate_thick(pair["thin.npy"][info["offset"] :].astype(np.float64), FACTOR)[:9]
+    assert np.abs(pair["thick.npy"] - expected).max() <= 1.0

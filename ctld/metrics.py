@@ -1,0 +1,102 @@
+"""Image-quality metrics on HU volumes, shared by `ctld-eval` and the trainer's validation.
+
+Protocol (DESIGN.md, Intensities), so numbers from both places agree:
+- HU are mapped to [0, 1] in a named window (`WINDOWS`): `clip((hu - lo) / (hi - lo), 0, 1)`.
+- PSNR = 10 log10(1 / MSE) over all voxels (data range 1), capped at `PSNR_CAP_DB` when the images are
+  identical (MSE below 10**(-PSNR_CAP_DB / 10)), so metrics.json never holds an infinity.
+- SSIM = `skimage.metrics.structural_similarity(data_range=1)` (7x7 uniform window, the skimage defaults) per
+  2D axial slice, then the mean over slices.
+- MAE in HU, without a window.
+
+    from ctld.metrics import WINDOWS, psnr, ssim2d_mean, mae_hu
+    psnr(pred_hu, target_hu, window=WINDOWS["soft_tissue"])
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from skimage.metrics import structural_similarity
+
+from ctld.data.transforms import window_to_unit
+
+# (lo, hi) HU. "wide" keeps air to dense bone; "soft_tissue" is center 40, width 400 (the seed's window).
+WINDOWS: dict[str, tuple[float, float]] = {"wide": (-1024.0, 2048.0), "soft_tissue": (-160.0, 240.0)}
+PSNR_CAP_DB = 100.0
+
+PROTOCOL = {
+    "windows_hu": {name: list(window) for name, window in WINDOWS.items()},
+    "intensity": "HU clipped to the window and mapped to [0, 1]",
+    "psnr": f"10*log10(1/MSE) over the whole volume, data range 1, capped at {PSNR_CAP_DB:g} dB",
+    "ssim": "skimage.metrics.structural_similarity(data_range=1, win_size=7) per 2D axial slice, mean over slices",
+    "mae_hu": "mean absolute error in HU over the whole volume, no window",
+}
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def _check_shapes(pred: np.ndarray, target: np.ndarray) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+    if pred.ndim < 2:
+        raise ValueError(f"metrics need images of at least 2 dimensions (..., H, W), got shape {pred.shape}")
+
+
+def psnr(pred_hu, target_hu, window: tuple[float, float]) -> float:
+    """PSNR in dB after mapping both to [0, 1] in `window`; `PSNR_CAP_DB` for identical images.
+
+    Args:
+        pred_hu, target_hu: HU arrays or tensors of equal shape, e.g. (D, H, W) or (B, 1, D, H, W).
+        window: (lo, hi) HU, e.g. `WINDOWS["wide"]`.
+    """
+    pred, target = _as_numpy(pred_hu), _as_numpy(target_hu)
+    _check_shapes(pred, target)
+    lo, hi = window
+    mse = float(np.mean((window_to_unit(pred, lo, hi) - window_to_unit(target, lo, hi)) ** 2))
+    if mse <= 10.0 ** (-PSNR_CAP_DB / 10.0):
+        return PSNR_CAP_DB
+    return 10.0 * math.log10(1.0 / mse)
+
+
+def ssim2d_mean(pred_hu, target_hu, window: tuple[float, float]) -> float:
+    """Mean SSIM over 2D axial slices (the last two axes) after mapping to [0, 1] in `window`.
+
+    Args:
+        pred_hu, target_hu: HU of equal shape (..., H, W) with H, W >= 7; leading axes are flattened to slices.
+        window: (lo, hi) HU.
+    """
+    pred, target = _as_numpy(pred_hu), _as_numpy(target_hu)
+    _check_shapes(pred, target)
+    if min(pred.shape[-2:]) < 7:
+        raise ValueError(f"SSIM needs slices of at least 7x7 pixels (skimage's window), got {pred.shape[-2:]}")
+    lo, hi = window
+    pred_unit = window_to_unit(pred, lo, hi).reshape(-1, *pred.shape[-2:])
+    target_unit = window_to_unit(target, lo, hi).reshape(-1, *target.shape[-2:])
+    values = [
+        structural_similarity(p, t, data_range=1.0) for p, t in zip(pred_unit, target_unit, strict=True)
+    ]
+    return float(np.mean(values))
+
+
+def mae_hu(pred_hu, target_hu) -> float:
+    """Mean absolute error in HU."""
+    pred, target = _as_numpy(pred_hu), _as_numpy(target_hu)
+    _check_shapes(pred, target)
+    return float(np.mean(np.abs(pred.astype(np.float64) - target.astype(np.float64))))
+
+
+def all_metrics(pred_hu, target_hu) -> dict[str, float]:
+    """`{"psnr_wide", "ssim_wide", "psnr_soft_tissue", "ssim_soft_tissue", "mae_hu"}` for one volume."""
+    pred, target = _as_numpy(pred_hu), _as_numpy(target_hu)
+    out: dict[str, float] = {}
+    for name, window in WINDOWS.items():
+        out[f"psnr_{name}"] = psnr(pred, target, window)
+        out[f"ssim_{name}"] = ssim2d_mean(pred, target, window)
+    out["mae_hu"] = mae_hu(pred, target)
+    return out

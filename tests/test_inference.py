@@ -1,0 +1,253 @@
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from ctld.baselines import interpolate_z, interpolation_matrix
+from ctld.data.transforms import simulate_thick
+from ctld.data.volume import Volume
+from ctld.inference import (
+    baseline_predictor,
+    check_thick_volume,
+    interpolate_volume,
+    main,
+    plan_windows,
+    thin_volume_like,
+)
+
+
+def _thick(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-1024, 2000, size=shape).astype(np.int16)
+
+
+# ---------------------------------------------------------------------------------------------- stitching
+
+
+@pytest.mark.parametrize(
+    "shape, factor, depth_thick, patch, context, overlap, method",
+    [
+        ((13, 37, 29), 5, 8, 16, 2, 2, "cubic"),  # odd sizes, several depth windows and tiles
+        ((11, 20, 47), 3, 6, 12, 2, 1, "cubic"),
+        ((3, 10, 11), 5, 8, 16, 2, 2, "cubic"),  # shorter than one window, smaller than one tile
+        ((1, 17, 16), 4, 8, 16, 2, 0, "cubic"),  # a single thick slice
+        ((20, 40, 33), 5, 6, 16, 1, 0, "linear"),  # linear needs only one context slice
+        ((17, 33, 50), 4, 4, 24, 0, 1, "nearest"),  # nearest needs none
+    ],
+)
+def test_windowed_baseline_equals_whole_volume_interpolation(shape, factor, depth_thick, patch, context, overlap,
+                                                               method):
+    """Stitching is exact: the model swapped for per-window interpolation gives whole-volume interpolation,
+    at window borders, volume ends and odd sizes."""
+    thick = _thick(shape)
+    whole = interpolate_z(thick, factor, method)
+    windowed = interpolate_volume(
+        thick, baseline_predictor(factor, method), factor=factor, depth_thick=depth_thick, patch_size=patch,
+        hu_range=None, depth_context=context, depth_overlap=overlap, inplane_overlap=0.3, batch_size=3,
+        progress=False,
+    )
+    assert windowed.shape == (shape[0] * factor, *shape[1:])
+    np.testing.assert_allclose(windowed, whole, atol=2e-3, rtol=0)
+
+
+def test_too_little_context_breaks_exactness():
+    """The check above can fail: cubic taps reach 2 thick slices, so 1 slice of context is not enough."""
+    thick = _thick((16, 20, 20))
+    windowed = interpolate_volume(thick, baseline_predictor(5, "cubic"), factor=5, depth_thick=6, patch_size=20,
+                                  hu_range=None, depth_context=1, depth_overlap=0, progress=False)
+    assert np.abs(windowed - interpolate_z(thick, 5, "cubic")).max() > 1.0
+
+
+@pytest.mark.parametrize("depth_overlap, max_depth_step", [(0, None), (1, 0.2), (2, 0.12)])
+def test_blending_hides_seams_between_disagreeing_windows(depth_overlap, max_depth_step):
+    """Each window returns its own random constant (as independent diffusion samples disagree): with overlap, the
+    output fades from one window to the next instead of jumping; without depth overlap it jumps."""
+    rng = np.random.default_rng(0)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        levels = torch.from_numpy(rng.uniform(0, 100, size=(x.shape[0], 1, 1, 1, 1)).astype(np.float32))
+        return torch.zeros(x.shape[0], 1, x.shape[2] * 5, *x.shape[3:]) + levels
+
+    out = interpolate_volume(np.zeros((30, 200, 200), np.int16), predict, factor=5, depth_thick=8, patch_size=96,
+                             hu_range=None, depth_context=2, depth_overlap=depth_overlap, inplane_overlap=0.25,
+                             progress=False)
+    depth_step = np.abs(np.diff(out, axis=0)).max() / 100
+    inplane_step = max(np.abs(np.diff(out, axis=axis)).max() for axis in (1, 2)) / 100
+    assert inplane_step < 0.15  # 24 shared pixels, Gaussian weights (a hard seam would step by up to 1)
+    if max_depth_step is None:
+        assert depth_step > 0.5  # the windows' disagreement shows as a seam
+    else:
+        assert depth_step < max_depth_step  # linear cross-fade over 5 or 10 thin slices
+
+
+def test_model_units_round_trip_and_batching():
+    """With hu_range, windows reach predict_fn in [-1, 1] and come back as HU; batches never exceed batch_size."""
+    thick = np.clip(_thick((9, 30, 30)), -1024, 2048)
+    seen = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        assert x.dtype == torch.float32 and -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+        return interpolate_z(x, 5, "nearest")
+
+    out = interpolate_volume(thick, predict, factor=5, depth_thick=4, patch_size=16, hu_range=(-1024.0, 2048.0),
+                             depth_context=1, depth_overlap=0, batch_size=5, progress=False)
+    plan = plan_windows(thick.shape, factor=5, depth_thick=4, patch_size=16, depth_context=1, depth_overlap=0,
+                        inplane_overlap=0.25)
+    assert sum(seen) == plan.num_windows and max(seen) <= 5
+    np.testing.assert_allclose(out, np.repeat(thick, 5, axis=0), atol=0.05)
+
+
+def test_window_settings_are_checked():
+    with pytest.raises(ValueError, match="depth_context"):
+        plan_windows((10, 32, 32), factor=5, depth_thick=4, patch_size=16, depth_context=2, depth_overlap=0,
+                     inplane_overlap=0.25)
+    with pytest.raises(ValueError, match="inplane_overlap"):
+        plan_windows((10, 32, 32), factor=5, depth_thick=8, patch_size=16, depth_context=2, depth_overlap=0,
+                     inplane_overlap=1.0)
+    with pytest.raises(RuntimeError, match="predict_fn returned shape"):
+        interpolate_volume(_thick((4, 16, 16)), lambda x: x, factor=5, depth_thick=4, patch_size=16, hu_range=None,
+                           depth_context=0, depth_overlap=0, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+
+def test_baselines_follow_the_thin_grid():
+    """Thin slice i of thick slice k sits at z_k + (i - (f-1)/2) dz/f: a linear ramp in z is reproduced exactly by
+    linear and cubic interpolation away from the ends; rows of every matrix sum to 1."""
+    factor, depth = 5, 12
+    z_thick = 10.0 + 5.0 * np.arange(depth)
+    z_thin = z_thick[0] - (factor - 1) / 2 * 1.0 + 1.0 * np.arange(depth * factor)
+    thick = np.broadcast_to(z_thick[:, None, None], (depth, 2, 2)).astype(np.float32)
+    interior = slice(2 * factor, (depth - 2) * factor)
+    for method in ("linear", "cubic"):
+        thin = interpolate_z(thick, factor, method)[:, 0, 0]
+        np.testing.assert_allclose(thin[interior], z_thin[interior], atol=1e-4)
+    for method in ("nearest", "linear", "cubic"):
+        np.testing.assert_allclose(interpolation_matrix(depth, factor, method).sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_array_equal(interpolate_z(thick, factor, "nearest")[:, 0, 0], np.repeat(z_thick, factor))
+
+
+def test_thin_volume_geometry():
+    direction = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])  # coronal slices: normal along LPS y
+    thick = Volume(_thick((6, 8, 8)), (5.0, 0.8, 0.7), (10.0, 20.0, 30.0), direction)
+    thin = thin_volume_like(thick, np.zeros((30, 8, 8), np.float32), 5)
+    assert thin.spacing_mm == (1.0, 0.8, 0.7)
+    np.testing.assert_array_equal(thin.direction, direction)
+    # The mean position of the 5 thin slices of thick slice k is z_k.
+    centres = thin.slice_positions_mm().reshape(6, 5, 3).mean(axis=1)
+    np.testing.assert_allclose(centres, thick.slice_positions_mm(), atol=1e-9)
+    assert thin.meta["slice_thickness_mm"] == 1.0
+
+
+def test_inputs_the_model_cannot_handle_are_refused():
+    tilted = np.eye(3)
+    tilted[:, 2] = [0.0, np.sin(np.radians(15)), np.cos(np.radians(15))]
+    volume = Volume(_thick((4, 8, 8)), (5.0, 1.0, 1.0), (0, 0, 0), tilted)
+    with pytest.raises(ValueError, match=r"series-A.*15\.0 deg"):
+        check_thick_volume(volume, factor=5, thin_spacing_mm=1.0, spacing_tolerance=0.25, name="series-A")
+    thin = Volume(_thick((4, 8, 8)), (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3))
+    with pytest.raises(ValueError, match=r"series-B.*spacing 1\.000 mm"):
+        check_thick_volume(thin, factor=5, thin_spacing_mm=1.0, spacing_tolerance=0.25, name="series-B")
+    check_thick_volume(thin, factor=5, thin_spacing_mm=1.0, spacing_tolerance=-1, name="series-B")  # forced
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _thick_of(thin: Volume, factor: int) -> Volume:
+    """Simulated thick series with the geometry of DESIGN.md: slab k is centred on its factor thin slices."""
+    dz = thin.spacing_mm[0]
+    origin = np.asarray(thin.origin_mm) + (factor - 1) / 2 * dz * thin.direction[:, 2]
+    return Volume(simulate_thick(thin.hu, factor), (dz * factor, *thin.spacing_mm[1:]), tuple(origin),
+                  thin.direction, meta={"slice_thickness_mm": dz * factor})
+
+
+def test_ctld_infer_end_to_end_on_real_chest_ct(tmp_path, chest_ct_crop, infer_tiny_export, capsys):
+    """Thick DICOM series (simulated from the real chest CT) -> ctld-infer -> thin DICOM series + NIfTI with the
+    thin geometry, the input's patient/study, a new series; same seed -> same output."""
+    import nibabel as nib
+
+    from ctld.data.dicom_write import write_dicom_series
+
+    thin = chest_ct_crop
+    thick = _thick_of(thin, 5)
+    patient = {"PatientName": "TEST^INFER", "PatientID": "INFER-0001"}
+    study = {"StudyInstanceUID": pydicom.uid.generate_uid(), "FrameOfReferenceUID": pydicom.uid.generate_uid()}
+    write_dicom_series(thick, tmp_path / "thick", patient=patient, study=study, series_description="thick 7.5")
+    input_series = pydicom.dcmread(next((tmp_path / "thick").iterdir())).SeriesInstanceUID
+
+    args = ["--checkpoint", str(infer_tiny_export), "--steps", "2", "--batch_size", "8", "--no_progress"]
+    assert main([str(tmp_path / "thick"), "--out", str(tmp_path / "out"), "--format", "both", *args]) == 0
+
+    files = sorted((tmp_path / "out" / "dicom").glob("*.dcm"))
+    assert len(files) == thin.shape[0]
+    datasets = [pydicom.dcmread(f) for f in files]
+    expected_positions = thin.slice_positions_mm()
+    for ds, position in zip(datasets, expected_positions, strict=True):
+        np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient], position, atol=1e-4)
+    first = datasets[0]
+    assert first.PatientName == "TEST^INFER" and first.PatientID == "INFER-0001"
+    assert first.StudyInstanceUID == study["StudyInstanceUID"]
+    assert first.FrameOfReferenceUID == study["FrameOfReferenceUID"]
+    assert first.SeriesInstanceUID != input_series
+    assert len({ds.SeriesInstanceUID for ds in datasets}) == 1 and len({ds.SOPInstanceUID for ds in datasets}) == 40
+    assert list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "ctld" in first.SeriesDescription
+    assert float(first.SliceThickness) == pytest.approx(1.5) and float(first.SpacingBetweenSlices) == pytest.approx(1.5)
+    assert [float(v) for v in first.PixelSpacing] == pytest.approx([1.5, 1.5])
+    assert first.PixelRepresentation == 1 and float(first.RescaleSlope) == 1 and first.pixel_array.shape == (45, 38)
+    dicom_hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets])
+    assert -1024 <= dicom_hu.min() and dicom_hu.max() <= 2048
+
+    image = nib.load(tmp_path / "out" / "thin.nii.gz")
+    assert image.shape == (38, 45, 40)  # (x, y, z)
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ thin.affine_lps()
+    np.testing.assert_allclose(image.affine, ras, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(image.dataobj).transpose(2, 1, 0), dicom_hu)
+
+    # NIfTI in, NIfTI out, same seed: identical; another seed: different.
+    from ctld.data.nifti import write_nifti
+
+    write_nifti(thick, tmp_path / "thick.nii.gz")
+    assert main([str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "again.nii.gz"), *args]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "again.nii.gz").dataobj), np.asarray(image.dataobj))
+    assert main([str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "seed1.nii.gz"), "--seed", "1", *args]) == 0
+    assert not np.array_equal(np.asarray(nib.load(tmp_path / "seed1.nii.gz").dataobj), np.asarray(image.dataobj))
+
+
+def test_ctld_infer_refuses_a_thin_series(tmp_path, chest_ct_crop, infer_tiny_export, capsys):
+    from ctld.data.nifti import write_nifti
+
+    write_nifti(chest_ct_crop, tmp_path / "thin.nii.gz")
+    code = main([str(tmp_path / "thin.nii.gz"), "--checkpoint", str(infer_tiny_export), "--out",
+                 str(tmp_path / "out.nii.gz"), "--no_progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "thin.nii.gz" in err and "slice spacing 1.500 mm" in err
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_ctld_infer_refuses_a_real_tilted_series(tmp_path, shared_ct, infer_tiny_export, capsys):
+    """The Philips gantry-tilt series of dcm_qa_ct: refused with the series, its first file and the tilt."""
+    folder = shared_ct / "dcm_qa_ct_philips_tilt" / "In"
+    code = main([str(folder), "--checkpoint", str(infer_tiny_export), "--out", str(tmp_path / "out"),
+                 "--no_progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "gantry_tilt" in err and "deg off the slice normal" in err and "first file" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_ctld_predictor_bf16_on_gpu(infer_tiny_export):
+    from ctld.export import load_export
+    from ctld.inference import CtldPredictor
+
+    export = load_export(infer_tiny_export, "cuda")
+    predictor = CtldPredictor(export, sampler="ddim", num_inference_steps=2, num_samples=2, seed=0, device="cuda")
+    thin = interpolate_volume(_thick((6, 20, 20)), predictor, factor=5, depth_thick=4, patch_size=16,
+                              hu_range=(-1024.0, 2048.0), depth_context=1, depth_overlap=0, device="cuda",
+                              progress=False)
+    assert thin.shape == (30, 20, 20) and np.isfinite(thin).all()

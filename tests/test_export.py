@@ -1,0 +1,106 @@
+"""safetensors exports: round trips give identical outputs; incomplete exports fail clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from safetensors import safe_open
+
+from ctld.config import DiffusionConfig
+from ctld.diffusion import build_train_scheduler
+from ctld.export import Export, load_export, load_model, save_export, save_model
+from ctld.models.unet import UNet3D
+from ctld.models.vae import AutoencoderKL3D
+
+META = {"factor": 3, "hu_min": -1024.0, "hu_max": 2048.0, "depth_thick": 2, "patch_size": 8, "step": 12}
+
+
+def _models():
+    torch.manual_seed(0)
+    vae = AutoencoderKL3D(channels=(4, 4), latent_channels=2, norm_num_groups=4, mid_attention=True,
+                          scaling_factor=0.7).eval()
+    unet = UNet3D(latent_channels=2, factor=3, channels=(8, 16), num_res_blocks=1, depth_downsample=(False,),
+                  attention_levels=(False, True), norm_num_groups=4, attention_head_dim=8).eval()
+    return vae, unet
+
+
+def _outputs(vae, unet):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 2, 8, 8, generator=g)
+    noisy, cond = torch.randn(1, 2, 6, 4, 4, generator=g), torch.randn(1, 2, 2, 4, 4, generator=g)
+    with torch.no_grad():
+        return vae(x, sample_posterior=False)[0], unet(noisy, torch.tensor([10]), cond)
+
+
+def test_save_load_model_round_trip(tmp_path):
+    vae, unet = _models()
+    save_model(vae, tmp_path, "vae")
+    save_model(unet, tmp_path, "unet")
+    assert json.loads((tmp_path / "vae.json").read_text())["class"] == "AutoencoderKL3D"
+    with safe_open(str(tmp_path / "unet.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(unet.state_dict())
+    vae2, unet2 = load_model(tmp_path, "vae"), load_model(tmp_path, "unet")
+    assert vae2.config == vae.config and unet2.config == unet.config
+    assert vae2.scaling_factor == 0.7
+    for a, b in zip(_outputs(vae, unet), _outputs(vae2, unet2), strict=True):
+        assert torch.equal(a, b)
+
+
+def _public(config) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}  # diffusers' private bookkeeping keys differ
+
+
+def test_export_round_trip(tmp_path):
+    vae, unet = _models()
+    scheduler = build_train_scheduler(DiffusionConfig())
+    out = tmp_path / "run" / "export"
+    save_export(out, vae=vae, unet=unet, scheduler=scheduler, meta=META)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ctld.json", "scheduler_config.json", "unet.json", "unet.safetensors", "vae.json", "vae.safetensors"]
+    assert [p.name for p in out.parent.iterdir()] == ["export"]  # no temp folders left behind
+    loaded = load_export(out)
+    assert isinstance(loaded, Export)
+    assert loaded.meta["factor"] == 3 and loaded.meta["step"] == 12
+    assert isinstance(loaded.scheduler, DDPMScheduler)
+    assert _public(loaded.scheduler.config) == _public(scheduler.config)
+    assert torch.equal(loaded.scheduler.alphas_cumprod, scheduler.alphas_cumprod)
+    for a, b in zip(_outputs(vae, unet), _outputs(loaded.vae, loaded.unet), strict=True):
+        assert torch.equal(a, b)
+
+    # Re-exporting replaces the folder; a VAE-only export has no unet/scheduler.
+    save_export(out, vae=vae, meta=META)
+    loaded = load_export(out)
+    assert loaded.unet is None and loaded.scheduler is None
+    assert [p.name for p in out.parent.iterdir()] == ["export"]
+
+
+@pytest.mark.parametrize("missing", ["vae.safetensors", "vae.json", "ctld.json", "unet.json", "unet.safetensors"])
+def test_incomplete_export_names_folder_and_file(tmp_path, missing):
+    vae, unet = _models()
+    save_export(tmp_path / "export", vae=vae, unet=unet, meta=META)
+    (tmp_path / "export" / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=f"export {tmp_path / 'export'} is incomplete: {missing} is missing"):
+        load_export(tmp_path / "export")
+
+
+def test_bad_exports_raise(tmp_path):
+    vae, unet = _models()
+    with pytest.raises(ValueError, match="meta lacks \\['patch_size'\\]"):
+        save_export(tmp_path / "a", vae=vae, meta={k: v for k, v in META.items() if k != "patch_size"})
+    with pytest.raises(ValueError, match="unet.factor=3 differs from meta factor=5"):
+        save_export(tmp_path / "b", vae=vae, unet=unet, meta={**META, "factor": 5})
+    assert not any(tmp_path.iterdir())  # nothing half-written
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_export(tmp_path / "nowhere")
+    # Weights that do not fit the stored architecture.
+    save_model(vae, tmp_path / "c", "vae")
+    spec = json.loads((tmp_path / "c" / "vae.json").read_text())
+    spec["kwargs"]["channels"] = [8, 8]
+    (tmp_path / "c" / "vae.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="does not match the architecture"):
+        load_model(tmp_path / "c", "vae")
+    with pytest.raises(ValueError, match="not an exportable model"):
+        save_model(torch.nn.Linear(2, 2), tmp_path / "d", "linear")

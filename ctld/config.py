@@ -36,13 +36,14 @@ class DataConfig:
     patch_size: int = 192  # in-plane patch edge in pixels
     patches_per_volume: int = 4  # patches drawn from one decoded volume, sharing the decode cost
     batch_size: int = 2  # patch pairs per device per micro-step
-    num_workers: int = 2  # DataLoader workers per rank
-    shuffle_buffer: int = 32  # volumes held in the shuffle buffer
+    num_workers: int = 4  # DataLoader workers per rank
+    shuffle_buffer: int = 32  # patch pairs held per worker for shuffling, so one volume's K patches spread out
     samples_per_epoch: int = 10_000  # with_epoch length per rank (patch pairs), so every rank runs the same steps
     small_volume: Literal["pad", "skip"] = "pad"  # volumes smaller than a patch: pad with air or skip
     augment: bool = True  # in-plane flips and 90-degree rotations, identical on thick and thin
     min_foreground_fraction: float = 0.05  # resample crops whose fraction of non-air voxels is below this
-    seed: int = 0
+    max_skipped_fraction: float = 0.5  # a loader worker fails once it skipped more than this share of samples
+    seed: int = 0  # data stream seed, combined with the trainer's seed, rank, worker and step (ctld/data/loader.py)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class ShardsConfig:
     shard_max_bytes: int = 2 * 2**30
     num_workers: int = 2
     max_skipped_fraction: float = 0.5  # fail the build when more than this fraction of series is skipped
+    inplane_spacing_mm: float = 0.0  # resample thin and thick in-plane to this pixel spacing (linear); 0 = keep
 
 
 @dataclass
@@ -106,7 +108,10 @@ class DiffusionConfig:
     beta_end: float = 0.012
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
     min_snr_gamma: float | None = 5.0  # Min-SNR weighting, https://arxiv.org/abs/2303.09556; null = off
-    sampler: Literal["ddim", "dpm"] = "ddim"
+    # Spread of the few sampling timesteps; "trailing" starts at the last training step (arXiv:2305.08891, table 2).
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (arXiv:2305.08891); needs v_prediction or sample
+    sampler: Literal["ddim", "dpm", "ddpm"] = "ddim"
     num_inference_steps: int = 20
 
 
@@ -134,17 +139,25 @@ class TrainConfig:
     thick_fraction: float = 0.5  # VAE stage: fraction of thick patches in a batch
     kl_weight: float = 1e-6
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
+    steps_per_launch: int = 0  # stop with a checkpoint after this many steps in one launch (schedule kept); 0 = off
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto = bf16 on a bf16 GPU, fp32 on CPU
+    val_batches: int = 2  # validation batches per rank (fixed seed: the same patches every validation)
+    scale_batches: int = 8  # VAE export: batches to set scaling_factor = 1/std(latents); 0 = keep vae.scaling_factor
 
 
 @dataclass
 class InferConfig:
-    sampler: Literal["ddim", "dpm"] = "ddim"
+    """`ctld-infer` / `ctld-eval` sliding-window settings (ctld/inference.py); window size comes from the export."""
+
+    sampler: Literal["ddim", "dpm", "ddpm"] = "ddim"
     num_inference_steps: int = 20
-    depth_overlap: int = 2  # thick slices shared by neighbouring windows
+    depth_context: int = 2  # thick slices at each window end that are context only (their output is dropped)
+    depth_overlap: int = 1  # contributing thick slices shared (blended) by neighbouring windows
     inplane_overlap: float = 0.25  # fraction of the tile shared by neighbouring tiles
-    batch_size: int = 4  # windows per forward pass
+    batch_size: int = 16  # windows per forward pass (base: ~15 GB of GPU memory in bf16)
     num_samples: int = 1  # average this many diffusion samples per window
     seed: int = 0
+    spacing_tolerance: float = 0.25  # refuse thick spacing off factor x thin spacing by more than this; <0 = never
 
 
 @dataclass

@@ -1,0 +1,197 @@
+"""Checkpoints that survive preemption: complete folders only, the last N kept, SIGTERM turned into a save.
+
+Layout (DESIGN.md, Runs and checkpoints):
+
+    run_dir/checkpoints/checkpoint-<step>/        accelerate `save_state` (model, optimizer, LR scheduler, RNG)
+                                       ema.safetensors + ema.json    the U-Net EMA (diffusion stage)
+                                       trainer_state.json            step and counters; written last
+    run_dir/checkpoints/checkpoint-<step>.tmp/    a save in progress; never read, removed on the next save
+
+Every rank calls `save_checkpoint`: under DeepSpeed each rank writes its own optimizer shards, and a save
+called on rank 0 only hangs (diffusers issue #2606). The folder is renamed from its temporary name only after
+every rank has finished writing, so a folder named `checkpoint-<step>` is always complete, even when the job
+is killed half-way through a save. The run directory must be on a filesystem all ranks share (a PVC on k8s).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as (step, path), oldest first; temporary folders are left out."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _CHECKPOINT_RE.match(path.name)
+        if match and path.is_dir() and (path / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """`train.resume` -> the checkpoint folder to load, or None to start fresh.
+
+    "" starts fresh; "latest" takes the newest complete checkpoint of this run, or starts fresh when there is
+    none yet (so the same command serves the first launch and every restart after preemption); anything
+    else is a checkpoint folder that must exist.
+    """
+    if resume == "":
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise ValueError(
+            f"train.resume={resume!r} is not a complete ctld checkpoint (no {TRAINER_STATE} inside); pass a "
+            f"folder such as {checkpoints_dir(run_dir)}/{CHECKPOINT_PREFIX}<step>, or 'latest'"
+        )
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    run_dir: str | Path,
+    step: int,
+    trainer_state: dict,
+    *,
+    ema: EMAModel | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Save the full training state as `checkpoint-<step>`. Must be called on EVERY rank.
+
+    Args:
+        accelerator: the run's Accelerator; its prepared model, optimizer and scheduler are saved.
+        run_dir: the run folder (checkpoints go to run_dir/checkpoints).
+        step: optimizer steps done; names the folder.
+        trainer_state: JSON-serialisable counters restored by `load_checkpoint` (must hold "step").
+        ema: the U-Net EMA, written as safetensors (no pickle) by the main process.
+        keep_last: complete checkpoints to keep; older ones are deleted after this one is complete.
+    """
+    root = checkpoints_dir(run_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that was killed
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        if ema is not None:
+            _save_ema(ema, tmp)
+        # Written last: its presence marks the folder as complete (list_checkpoints checks it).
+        _write_json(tmp / TRAINER_STATE, trainer_state)
+    accelerator.wait_for_everyone()  # every rank's shards are on disk
+
+    if accelerator.is_main_process:
+        if final.exists():  # e.g. a SIGTERM save at the step of a periodic one
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for _old_step, old_path in list_checkpoints(run_dir)[: -max(keep_last, 1)]:
+            logger.info(f"removing old checkpoint {old_path.name} (checkpoints_total_limit={keep_last})")
+            shutil.rmtree(old_path, ignore_errors=True)
+        for stale in root.glob(f"{CHECKPOINT_PREFIX}*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        logger.info(f"saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path, *, ema: EMAModel | None = None) -> dict:
+    """Restore what `save_checkpoint` wrote (call on every rank, after `accelerator.prepare`).
+
+    Returns:
+        The trainer state dict saved with the checkpoint (holds "step").
+    """
+    path = Path(path)
+    accelerator.load_state(str(path))
+    if ema is not None:
+        _load_ema(ema, path)
+    with open(path / TRAINER_STATE) as f:
+        return json.load(f)
+
+
+def _save_ema(ema: EMAModel, folder: Path) -> None:
+    state = ema.state_dict()
+    tensors = {f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(state.pop("shadow_params"))}
+    save_file(tensors, str(folder / "ema.safetensors"))
+    _write_json(folder / "ema.json", state)
+
+
+def _load_ema(ema: EMAModel, folder: Path) -> None:
+    if not (folder / "ema.safetensors").is_file():
+        raise ValueError(
+            f"checkpoint {folder} has no ema.safetensors: it was written by a run without an EMA (the VAE stage?); "
+            "resume a diffusion-stage checkpoint or start without train.resume"
+        )
+    tensors = load_file(str(folder / "ema.safetensors"))
+    with open(folder / "ema.json") as f:
+        state = json.load(f)
+    if len(tensors) != len(ema.shadow_params):
+        raise ValueError(
+            f"{folder}/ema.safetensors holds {len(tensors)} tensors but the U-Net has {len(ema.shadow_params)} "
+            "parameters: the checkpoint comes from a different unet config"
+        )
+    device = ema.shadow_params[0].device if ema.shadow_params else torch.device("cpu")
+    state["shadow_params"] = [tensors[f"shadow.{i}"].to(device) for i in range(len(tensors))]
+    ema.load_state_dict(state)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    tmp.replace(path)
+
+
+class StopRequest:
+    """Turns SIGTERM (Kubernetes preemption, `kubectl delete`) and SIGINT into a flag the loop polls.
+
+    The handler only sets a flag; the loop reduces it over ranks each step (`should_stop`), so every rank
+    stops at the same step, saves a checkpoint together and exits 0.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.requested = False
+        self.signal_name = ""
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def should_stop(self, accelerator: Accelerator) -> bool:
+        """True on every rank when any rank got a signal. A collective: call it on every rank each step."""
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)  # note: a CPU-GPU sync point
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

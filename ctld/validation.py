@@ -1,0 +1,129 @@
+"""Validation for both training stages: fixed patches, metrics on HU in named windows, one image panel.
+
+Metrics follow ctld.metrics' protocol (HU mapped to [0, 1] in `WINDOWS[...]`, PSNR over the patch, SSIM per
+axial slice), so a validation PSNR here and a `ctld-eval` PSNR mean the same thing. Each function returns
+rank-local means over equal numbers of samples; the trainer averages them over ranks with
+`accelerator.reduce(..., reduction="mean")`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from ctld.baselines import interpolate_z
+from ctld.data.transforms import model_to_hu
+from ctld.diffusion import decode_latents, encode_latents, sample
+from ctld.metrics import WINDOWS, psnr, ssim2d_mean
+
+
+def _add_metrics(sums: dict[str, list[float]], prefix: str, pred_hu: torch.Tensor, target_hu: torch.Tensor) -> None:
+    """Per-sample PSNR/SSIM in every named window, appended to `sums[f"{prefix}psnr_{window}"]`."""
+    pred = pred_hu.detach().float().cpu().numpy()  # (B, 1, D, H, W)
+    target = target_hu.detach().float().cpu().numpy()
+    for i in range(pred.shape[0]):
+        for name, window in WINDOWS.items():
+            sums[f"{prefix}psnr_{name}"].append(psnr(pred[i, 0], target[i, 0], window))
+            sums[f"{prefix}ssim_{name}"].append(ssim2d_mean(pred[i, 0], target[i, 0], window))
+
+
+def _means(sums: dict[str, list[float]]) -> dict[str, float]:
+    return {key: float(np.mean(values)) for key, values in sums.items()}
+
+
+@torch.no_grad()
+def validate_vae(
+    vae: torch.nn.Module,
+    batches: Iterable[dict],
+    *,
+    hu_min: float,
+    hu_max: float,
+    factor: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Reconstruction quality of thin and thick patches (posterior mode, no sampling noise).
+
+    Args:
+        vae: the (prepared) AutoencoderKL3D, called as `vae(x, sample_posterior=False)`.
+        batches: loader batches {"thick": (B, 1, Dk, P, P), "thin": (B, 1, Dk*factor, P, P)} in [-1, 1].
+        hu_min, hu_max: the intensity mapping of the data (cfg.data).
+        factor: thin slices per thick slice (panel layout only).
+        device, dtype: where and in which dtype the model runs (DeepSpeed bf16 needs bf16 inputs).
+
+    Returns:
+        ({"thin_psnr_soft_tissue": ..., "thick_ssim_wide": ..., ...}, panel columns for the first sample:
+        [thick, thick reconstruction, thin, thin reconstruction] as HU arrays).
+    """
+    sums: dict[str, list[float]] = defaultdict(list)
+    columns: list[np.ndarray] = []
+    for batch in batches:
+        recons = {}
+        for kind in ("thin", "thick"):
+            x = batch[kind].to(device, non_blocking=True)
+            recon, _ = vae(x.to(dtype), sample_posterior=False)
+            recons[kind] = model_to_hu(recon.float(), hu_min, hu_max)
+            _add_metrics(sums, f"{kind}_", recons[kind], model_to_hu(x, hu_min, hu_max))
+        if not columns:
+            columns = [
+                model_to_hu(batch["thick"][0, 0], hu_min, hu_max).numpy(),
+                recons["thick"][0, 0].cpu().numpy(),
+                model_to_hu(batch["thin"][0, 0], hu_min, hu_max).numpy(),
+                recons["thin"][0, 0].cpu().numpy(),
+            ]
+    return _means(sums), columns
+
+
+@torch.no_grad()
+def validate_diffusion(
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    sampler,
+    batches: Iterable[dict],
+    *,
+    hu_min: float,
+    hu_max: float,
+    factor: int,
+    num_inference_steps: int,
+    seed: int,
+    device: torch.device,
+) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Sample thin patches from thick ones and score them next to cubic interpolation of the same thick patch.
+
+    Args:
+        unet: the (prepared) U-Net, holding the weights to judge (the trainer swaps in the EMA weights).
+        vae: the frozen VAE (eval, on `device`, in its own dtype).
+        sampler: a diffusers scheduler from `ctld.diffusion.build_sampler` (DDIM/DPM at few steps).
+        batches: loader batches {"thick": (B, 1, Dk, P, P), "thin": (B, 1, Dk*factor, P, P)} in [-1, 1].
+        hu_min, hu_max: the intensity mapping of the data.
+        factor: thin slices per thick slice.
+        num_inference_steps: sampler steps.
+        seed: seeds the sampling noise, so successive validations differ only by the weights.
+        device: where the models run.
+
+    Returns:
+        ({"model_psnr_soft_tissue": ..., "cubic_psnr_soft_tissue": ..., ...}, panel columns for the first
+        sample: [thick, model, cubic, target] as HU arrays).
+    """
+    vae_dtype = next(vae.parameters()).dtype
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sums: dict[str, list[float]] = defaultdict(list)
+    columns: list[np.ndarray] = []
+    for batch in batches:
+        thick = batch["thick"].to(device, non_blocking=True)
+        thin = batch["thin"].to(device, non_blocking=True)
+        cond_latents = encode_latents(vae, thick.to(vae_dtype))
+        latents = sample(unet, sampler, cond_latents, num_inference_steps=num_inference_steps, generator=generator,
+                         thin_depth=thin.shape[2])
+        model_hu = model_to_hu(decode_latents(vae, latents.to(vae_dtype)).float(), hu_min, hu_max)
+        thick_hu = model_to_hu(thick, hu_min, hu_max)
+        cubic_hu = interpolate_z(thick_hu, factor, "cubic")  # same slice geometry as ctld-eval's baseline
+        target_hu = model_to_hu(thin, hu_min, hu_max)
+        _add_metrics(sums, "model_", model_hu, target_hu)
+        _add_metrics(sums, "cubic_", cubic_hu, target_hu)
+        if not columns:
+            columns = [t[0, 0].cpu().numpy() for t in (thick_hu, model_hu, cubic_hu, target_hu)]
+    return _means(sums), columns

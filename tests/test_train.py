@@ -1,0 +1,340 @@
+"""The trainer (ctld/train.py) end to end: real `accelerate launch` runs on shards built by `ctld-shards build`.
+
+Every multi-process test reads back the world size the run really got (config.yaml `_run`): a launch that
+silently starts one process (STACK.md: `--cpu --num_processes 2`) must fail here, not pass.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ctld.checkpointing import CHECKPOINT_PREFIX, TRAINER_STATE, list_checkpoints, resolve_resume
+from ctld.tracking import make_panel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = str(REPO_ROOT / "configs" / "tiny.yaml")
+LAUNCH_TIMEOUT_S = 600
+
+# What every TensorBoard log must hold (names documented in README / ctld/train.py).
+TRAIN_SCALARS = {"train/loss", "lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_fraction"}
+VAE_VAL_SCALARS = {f"val/{kind}_{metric}_{window}" for kind in ("thin", "thick") for metric in ("psnr", "ssim")
+                   for window in ("soft_tissue", "wide")}
+DIFFUSION_VAL_SCALARS = {f"val/{kind}_{metric}_{window}" for kind in ("model", "cubic") for metric in ("psnr", "ssim")
+                         for window in ("soft_tissue", "wide")}
+PANELS = {"panels/soft_tissue", "panels/wide"}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # DeepSpeed JIT-builds its CPU comm op (~70 s) on first use; keep it between runs (the Makefile sets this).
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".venv" / "torch_extensions"))
+    for key in ("ACCELERATE_USE_CPU", "DS_ACCELERATOR"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.CompletedProcess:
+    with open(log, "w") as out:
+        result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                timeout=LAUNCH_TIMEOUT_S)
+    if result.returncode != 0:
+        tail = log.read_text()[-6000:]
+        pytest.fail(f"command failed with exit code {result.returncode}: {' '.join(cmd)}\n--- log tail ---\n{tail}")
+    return result
+
+
+def _train_single(overrides: list[str], log: Path) -> subprocess.CompletedProcess:
+    """One process, no launcher: what `accelerate launch --num_processes 1` runs, without its start-up cost."""
+    return _run([sys.executable, "ctld/train.py", TINY, *overrides], _env(), log)
+
+
+def _ddp_command(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu_ddp.yaml",
+           "ctld/train.py", TINY, *overrides]
+    return cmd, _env(ACCELERATE_USE_CPU="1")
+
+
+def _zero2_command(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu_zero2.yaml",
+           "ctld/train.py", TINY, *overrides]
+    return cmd, _env(DS_ACCELERATOR="cpu")
+
+
+def _run_info(run_dir: Path) -> dict:
+    with open(run_dir / "config.yaml") as f:
+        return yaml.safe_load(f)["_run"]
+
+
+def _tensorboard(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+@pytest.fixture(scope="module")
+def data_overrides(built_shards: Path) -> list[str]:
+    """Explicit shard lists of the session's synthetic shard set. The synthetic set is too small to promise a
+    val split, so validation falls back to a training shard: this checks the machinery, not generalisation."""
+    train = sorted(str(p) for p in built_shards.glob("train-*.tar"))
+    val = sorted(str(p) for p in built_shards.glob("val-*.tar")) or train[:1]
+    assert train, f"no training shards in {built_shards}"
+    return [f"--data.train_urls={'::'.join(train)}", f"--data.val_urls={'::'.join(val)}"]
+
+
+@pytest.fixture(scope="module")
+def shards_dir_overrides(built_shards: Path) -> list[str]:
+    """The user's path: `--data.shards_dir` -> manifest.json -> train and val shards."""
+    assert sorted(built_shards.glob("val-*.tar")), f"the synthetic shard set {built_shards} has no val split"
+    return [f"--data.shards_dir={built_shards}"]
+
+
+@pytest.fixture(scope="module")
+def vae_export(tmp_path_factory, data_overrides) -> Path:
+    """One tiny VAE export, shared by every diffusion-stage test of this module."""
+    out = tmp_path_factory.mktemp("vae_run")
+    _train_single([*data_overrides, f"--train.output_dir={out}", "--train.run_name=vae", "--train.max_steps=2",
+                   "--train.scale_batches=2"], out / "log.txt")
+    export = out / "vae" / "export"
+    assert (export / "vae.safetensors").is_file() and (export / "ctld.json").is_file()
+    return export
+
+
+def _stage_overrides(stage: str, vae_export: Path | None) -> list[str]:
+    if stage == "vae":
+        return ["--train.stage=vae", "--train.scale_batches=2"]
+    return ["--train.stage=diffusion", f"--train.vae_export={vae_export}"]
+
+
+def _check_finished_run(run_dir: Path, stage: str, steps: int) -> None:
+    assert [step for step, _ in list_checkpoints(run_dir)] == [2, steps]
+    assert not list((run_dir / "checkpoints").glob("*.tmp")), "a temporary checkpoint folder was left behind"
+    export = run_dir / "export"
+    expected = {"vae.safetensors", "vae.json", "ctld.json"}
+    if stage == "diffusion":
+        expected |= {"unet.safetensors", "unet.json", "scheduler_config.json"}
+        assert (list_checkpoints(run_dir)[-1][1] / "ema.safetensors").is_file()
+    assert expected <= {p.name for p in export.iterdir()}
+    from ctld.export import load_export
+
+    loaded = load_export(export)
+    assert loaded.meta["factor"] == 5 and loaded.meta["depth_thick"] == 2 and loaded.meta["patch_size"] == 16
+    assert (loaded.unet is not None) == (stage == "diffusion")
+    for name, tensor in loaded.vae.state_dict().items():
+        assert torch.isfinite(tensor).all(), f"exported VAE tensor {name} is not finite"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["vae", "diffusion"])
+def test_ddp_two_processes(stage, tmp_path, shards_dir_overrides, request):
+    """2-process DDP over gloo, data from --data.shards_dir; also reads the TensorBoard scalars and image panels
+    back."""
+    vae = request.getfixturevalue("vae_export") if stage == "diffusion" else None
+    cmd, env = _ddp_command([*shards_dir_overrides, *_stage_overrides(stage, vae), f"--train.output_dir={tmp_path}",
+                             "--train.run_name=run", "--train.max_steps=4"])
+    _run(cmd, env, tmp_path / "log.txt")
+    run_dir = tmp_path / "run"
+    info = _run_info(run_dir)
+    assert info["world_size"] == 2 and info["distributed_type"] == "MULTI_CPU"
+    assert info["effective_batch"] == 2 * 2 and info["total_steps"] == 4
+    assert info["packages"]["torch"] and info["git_commit"]
+    _check_finished_run(run_dir, stage, 4)
+    last_checkpoint = list_checkpoints(run_dir)[-1][1]
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in last_checkpoint.iterdir()}
+
+    events = _tensorboard(run_dir)
+    val_scalars = VAE_VAL_SCALARS if stage == "vae" else DIFFUSION_VAL_SCALARS
+    missing = (TRAIN_SCALARS | val_scalars) - set(events.Tags()["scalars"])
+    assert not missing, f"TensorBoard lacks {missing}"
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert all(np.isfinite(e.value) for e in events.Scalars("train/loss"))
+    assert PANELS <= set(events.Tags()["images"])
+    panel = events.Images("panels/soft_tissue")[-1]
+    assert panel.step == 4 and panel.width == 4 * 16 + 3 * 2 and panel.height == 16 + 2 + 2 * 5
+    if stage == "diffusion":
+        psnr_cubic = events.Scalars("val/cubic_psnr_soft_tissue")[-1].value
+        assert 5.0 < psnr_cubic < 100.0  # cubic of the synthetic phantom: a real number, not a cap or a NaN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["vae", "diffusion"])
+def test_deepspeed_zero2_two_processes(stage, tmp_path, data_overrides, request):
+    vae = request.getfixturevalue("vae_export") if stage == "diffusion" else None
+    cmd, env = _zero2_command([*data_overrides, *_stage_overrides(stage, vae), f"--train.output_dir={tmp_path}",
+                               "--train.run_name=run", "--train.max_steps=4"])
+    _run(cmd, env, tmp_path / "log.txt")
+    run_dir = tmp_path / "run"
+    info = _run_info(run_dir)
+    assert info["world_size"] == 2 and info["distributed_type"] == "DEEPSPEED" and info["zero_stage"] == 2
+    _check_finished_run(run_dir, stage, 4)
+    # DeepSpeed writes its own (sharded) model/optimizer folder; every rank took part in the save.
+    assert (list_checkpoints(run_dir)[-1][1] / "pytorch_model").is_dir()
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_bf16_diffusion_with_gradient_accumulation(tmp_path, data_overrides, vae_export):
+    """The GPU recipe on CPU: ZeRO-3 partitions the U-Net and DeepSpeed bf16 casts it (inputs are cast to match);
+    the frozen VAE stays outside DeepSpeed (in bf16), the fp32 EMA gathers the partitions, validation swaps EMA
+    weights in and out of the partitioned parameters, and the export is complete (fp32)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "3",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "bf16", "--gradient_accumulation_steps",
+           "2", "--main_process_port", "0", "ctld/train.py", TINY, *data_overrides,
+           *_stage_overrides("diffusion", vae_export), "--train.gradient_accumulation_steps=2",
+           "--train.mixed_precision=bf16",
+           f"--train.output_dir={tmp_path}", "--train.run_name=run", "--train.max_steps=4"]
+    _run(cmd, _env(DS_ACCELERATOR="cpu"), tmp_path / "log.txt")
+    run_dir = tmp_path / "run"
+    info = _run_info(run_dir)
+    assert info["world_size"] == 2 and info["distributed_type"] == "DEEPSPEED" and info["zero_stage"] == 3
+    assert info["mixed_precision"] == "bf16" and info["effective_batch"] == 2 * 2 * 2
+    _check_finished_run(run_dir, "diffusion", 4)
+    events = _tensorboard(run_dir)
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert all(np.isfinite(e.value) for e in events.Scalars("train/loss"))
+    assert DIFFUSION_VAL_SCALARS <= set(events.Tags()["scalars"])
+    unet = load_file(str(run_dir / "export" / "unet.safetensors"))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in unet.values())
+    lrs = [e.value for e in events.Scalars("lr")]
+    assert lrs[0] > lrs[1] > lrs[2] > 0  # cosine decay, stepped once per optimizer step (not per micro-batch)
+
+
+def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path, data_overrides, vae_export):
+    """6 steps straight == 3 steps, stop, resume, 3 steps: same U-Net weights, EMA and optimizer state.
+
+    Tolerance: exact equality (fp32 on CPU, same ops in the same order); asserted with atol=1e-6, rtol=0.
+    """
+    common = [*data_overrides, *_stage_overrides("diffusion", vae_export), f"--train.output_dir={tmp_path}",
+              "--train.max_steps=6", "--train.checkpoint_every=3", "--train.val_every=2", "--train.image_every=100",
+              "--train.lr_warmup_steps=2", "--train.lr=1e-3"]
+    _train_single([*common, "--train.run_name=straight"], tmp_path / "straight.txt")
+    _train_single([*common, "--train.run_name=split", "--train.steps_per_launch=3"], tmp_path / "split1.txt")
+    assert [s for s, _ in list_checkpoints(tmp_path / "split")] == [3]
+    assert not (tmp_path / "split" / "export").exists(), "a run stopped by steps_per_launch must not export"
+    _train_single([*common, "--train.run_name=split", "--train.resume=latest"], tmp_path / "split2.txt")
+    assert _run_info(tmp_path / "split")["start_step"] == 3
+
+    straight = tmp_path / "straight" / "checkpoints" / f"{CHECKPOINT_PREFIX}6"
+    resumed = tmp_path / "split" / "checkpoints" / f"{CHECKPOINT_PREFIX}6"
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=f"{name}:{key} differs after resume")
+    # The weights moved (so equality is not trivially the initial weights) and the EMA lags behind them.
+    first = load_file(str(tmp_path / "straight" / "checkpoints" / f"{CHECKPOINT_PREFIX}3" / "model.safetensors"))
+    final = load_file(str(straight / "model.safetensors"))
+    assert any(not torch.equal(first[k], final[k]) for k in final)
+    straight_ema = load_file(str(straight / "ema.safetensors"))
+    assert any(not torch.equal(v, final_v) for v, final_v in zip(straight_ema.values(), final.values()))
+    # Same validation numbers at step 6 from both runs: validation saw the same weights and patches.
+    a = _tensorboard(tmp_path / "straight").Scalars("val/model_psnr_soft_tissue")[-1]
+    b = _tensorboard(tmp_path / "split").Scalars("val/model_psnr_soft_tissue")[-1]
+    assert a.step == b.step == 6 and a.value == pytest.approx(b.value, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path, data_overrides):
+    """SIGTERM to ONE of two DDP ranks: both stop at the same step, save a complete checkpoint together and exit
+    0; the run then resumes from it (here with one process)."""
+    overrides = [*data_overrides, f"--train.output_dir={tmp_path}", "--train.run_name=run", "--train.max_steps=100000",
+                 "--train.checkpoint_every=100000", "--train.val_every=100000", "--train.image_every=100000",
+                 "--train.scale_batches=0"]
+    cmd, env = _ddp_command(overrides)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while "step 3/" not in log.read_text():
+            assert launcher.poll() is None, f"training exited early:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "training did not reach step 3"
+            time.sleep(0.5)
+        workers = _training_processes(launcher.pid)
+        assert len(workers) == 2, f"expected 2 training processes, found {[p.cmdline() for p in workers]}"
+        os.kill(workers[-1].pid, signal.SIGTERM)
+        returncode = launcher.wait(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    text = log.read_text()
+    assert returncode == 0, f"launcher exited {returncode}:\n{text[-4000:]}"
+    found = list_checkpoints(tmp_path / "run")
+    assert len(found) == 1, found
+    step, path = found[0]
+    assert step >= 3 and f"stopping at step {step}" in text
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", TRAINER_STATE} <= {
+        p.name for p in path.iterdir()}
+    assert not (tmp_path / "run" / "export").exists()
+
+    _train_single([*overrides, "--train.resume=latest", f"--train.max_steps={step + 2}"], tmp_path / "resume.txt")
+    assert _run_info(tmp_path / "run")["start_step"] == step
+    assert list_checkpoints(tmp_path / "run")[-1][0] == step + 2
+    assert (tmp_path / "run" / "export" / "vae.safetensors").is_file()
+
+
+def _training_processes(launcher_pid: int) -> list[psutil.Process]:
+    """The `ctld/train.py` worker processes torchrun started under the launcher."""
+    found = []
+    for process in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            cmdline = " ".join(process.cmdline())
+        except psutil.Error:  # exited meanwhile
+            continue
+        if "ctld/train.py" in cmdline and "accelerate" not in cmdline:
+            found.append(process)
+    return found
+
+
+def test_nonfinite_losses_stop_training_with_a_clear_error(tmp_path, data_overrides):
+    # An absurd learning rate blows the weights up after the first step; every later loss is NaN/Inf.
+    cmd = [sys.executable, "ctld/train.py", TINY, *data_overrides, f"--train.output_dir={tmp_path}",
+           "--train.run_name=run", "--train.max_steps=20", "--train.lr=1e30", "--train.max_grad_norm=1e30",
+           "--train.max_nonfinite_steps=2", "--train.checkpoint_every=100", "--train.val_every=100",
+           "--train.image_every=100"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode != 0
+    assert "optimizer steps in a row had a non-finite loss" in result.stderr
+    assert "optimizer step skipped (1 in a row)" in result.stderr
+
+
+def test_list_checkpoints_skips_incomplete_folders(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in (("checkpoint-10", True), ("checkpoint-2", True), ("checkpoint-30", False),
+                           ("checkpoint-40.tmp", True), ("notes", True)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / TRAINER_STATE).write_text('{"step": 0}')
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 10]
+    assert resolve_resume(tmp_path, "latest") == root / "checkpoint-10"
+    assert resolve_resume(tmp_path, "") is None
+    assert resolve_resume(tmp_path / "elsewhere", "latest") is None  # first launch of a preemptible job
+    with pytest.raises(ValueError, match="not a complete ctld checkpoint"):
+        resolve_resume(tmp_path, str(root / "checkpoint-30"))
+
+
+def test_make_panel_puts_axial_over_coronal_and_repeats_thick_slices():
+    factor = 5
+    thick = np.full((2, 16, 16), 40.0)
+    thick[1] = 240.0  # second thick slice: white in the soft-tissue window
+    thin = np.full((10, 16, 16), -1000.0)  # black
+    panel = make_panel([thick, thin], depth_repeats=[factor, 1], window=(-160.0, 240.0))
+    assert panel.shape == (16 + 2 + 10, 16 + 2 + 16)
+    coronal_thick = panel[18:, :16]
+    assert np.allclose(coronal_thick[:5], 0.5) and np.allclose(coronal_thick[5:], 1.0)
+    assert np.allclose(panel[18:, 18:], 0.0)
+    with pytest.raises(ValueError, match="same thin-depth shape"):
+        make_panel([thick, thin], depth_repeats=[1, 1], window=(-160.0, 240.0))

@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
@@ -424,6 +426,9 @@ def _export(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, froz
         "depth_thick": cfg.data.depth_thick, "patch_size": cfg.data.patch_size,
         "stage": cfg.train.stage, "step": step, "run_name": cfg.train.run_name, "git_commit": _git_commit(),
     }
+    thin_spacing_mm = _thin_spacing_mm(cfg)
+    if thin_spacing_mm is not None:  # ctld-infer checks a thick input's spacing against factor x this
+        meta["thin_spacing_mm"] = thin_spacing_mm
     if cfg.train.stage == "vae":
         vae = AutoencoderKL3D(**{**asdict(cfg.vae), **({"scaling_factor": scaling_factor} if scaling_factor else {})})
         vae.load_state_dict({k: v.float() for k, v in state_dict.items()})
@@ -580,16 +585,31 @@ def _load_frozen_vae(cfg: Config, device: torch.device, mixed_precision: str) ->
     return vae.to(device=device, dtype=weight_dtype).eval()
 
 
+def _thin_spacing_mm(cfg: Config) -> float | None:
+    """Median thin slice spacing the model was trained on: from the shard manifest, else from the VAE export."""
+    manifest = Path(cfg.data.shards_dir) / "manifest.json"
+    if not cfg.data.train_urls and manifest.is_file():
+        median = json.loads(manifest.read_text()).get("geometry", {}).get("thin_spacing_z_mm", {}).get("median")
+        if median is not None:
+            return float(median)
+    vae_meta = Path(cfg.train.vae_export) / "ctld.json" if cfg.train.vae_export else None
+    if vae_meta is not None and vae_meta.is_file():
+        return json.loads(vae_meta.read_text()).get("thin_spacing_mm")
+    return None
+
+
 def _git_commit() -> str:
+    # The container image has no .git; its build passes the commit in (Dockerfile: --build-arg GIT_COMMIT).
+    fallback = os.environ.get("CTLD_GIT_COMMIT", "unknown") or "unknown"
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10)
         dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
     if out.returncode != 0:
-        return "unknown"
+        return fallback
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 

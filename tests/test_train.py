@@ -6,6 +6,7 @@ silently starts one process (STACK.md: `--cpu --num_processes 2`) must fail here
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -153,6 +154,10 @@ def test_ddp_two_processes(stage, tmp_path, shards_dir_overrides, request):
     assert info["effective_batch"] == 2 * 2 and info["total_steps"] == 4
     assert info["packages"]["torch"] and info["git_commit"]
     _check_finished_run(run_dir, stage, 4)
+    if stage == "vae":  # ctld-infer checks thick inputs against factor x the thin spacing trained on
+        manifest = json.loads((Path(shards_dir_overrides[0].split("=", 1)[1]) / "manifest.json").read_text())
+        meta = json.loads((run_dir / "export" / "ctld.json").read_text())
+        assert meta["thin_spacing_mm"] == pytest.approx(manifest["geometry"]["thin_spacing_z_mm"]["median"])
     last_checkpoint = list_checkpoints(run_dir)[-1][1]
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in last_checkpoint.iterdir()}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,12 @@ import torch
 from ctld.config import Config, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Subprocesses (accelerate launch, DeepSpeed's JIT build) must use this environment's tools: with the system's
+# ninja first on PATH in some tests and the venv's in others, the two ninja versions disagree about the build
+# log and DeepSpeed's CPU comm op is rebuilt (~90 s) every time the other one ran.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "ct"
 
 

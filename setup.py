@@ -55,6 +55,9 @@ setup(
     entry_points={
         "console_scripts": [
             "ctld-shards = ctld.data.build_shards:main",
+            "ctld-infer = ctld.inference:main",
+            "ctld-eval = ctld.evaluate:main",
+            "ctld-demo = ctld.demo:main",
         ],
     },
 )

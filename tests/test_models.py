@@ -305,3 +305,25 @@ def test_presets_build_with_the_parameter_counts_in_their_comments(repo_root, pr
         unet = UNet3D(latent_channels=vae.latent_channels, factor=cfg.data.factor, **asdict(cfg.unet))
     assert sum(p.numel() for p in vae.parameters()) == vae_params
     assert sum(p.numel() for p in unet.parameters()) == unet_params
+
+
+def test_vae_shortcut_is_exact_when_the_latent_holds_every_pixel():
+    """DC-AE's residual shortcut (ctld/models/vae.py): with both networks' output convs zeroed, the VAE is the
+    parameter-free space-to-channel and back; with latent_channels = f * f it reconstructs the input exactly."""
+    vae = AutoencoderKL3D(channels=(4, 4), latent_channels=4, norm_num_groups=2)  # in-plane factor 2: 2*2 = 4
+    with torch.no_grad():
+        for conv in (vae.encoder.conv_out, vae.decoder.conv_out):
+            conv.weight.zero_()
+            conv.bias.zero_()
+    x = torch.rand(2, 1, 3, 8, 6) * 2 - 1
+    latents = vae.encode(x).mode()
+    assert latents.shape == (2, 4, 3, 4, 3)
+    torch.testing.assert_close(vae.decode(latents), x)
+    # Fewer latent channels than pixels per block: the shortcut carries block means, the networks the rest.
+    vae8 = AutoencoderKL3D(channels=(4, 4, 4), latent_channels=4, norm_num_groups=2)  # factor 4: 16 px -> 4 ch
+    with torch.no_grad():
+        for conv in (vae8.encoder.conv_out, vae8.decoder.conv_out):
+            conv.weight.zero_()
+            conv.bias.zero_()
+    flat = torch.full((1, 1, 2, 8, 8), 0.25)
+    torch.testing.assert_close(vae8.decode(vae8.encode(flat).mode()), flat)

@@ -30,7 +30,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-# The whole chain on a 2-core CPU in ~9-11 minutes after set-up: phantom DICOM studies -> shards -> VAE ->
+# The whole chain on a 2-core CPU in ~11 minutes after set-up: phantom DICOM studies -> shards -> VAE ->
 # diffusion (2-process DDP) -> ctld-infer -> ctld-eval, into demo_out/ (reruns reuse finished stages).
 # `make demo DATA=/path/to/dicom` runs it on your own DICOM/NIfTI folder(s); DEMO_ARGS passes more flags,
 # e.g. DEMO_ARGS="--fresh --diffusion_steps 1000" (see `.venv/bin/ctld-demo --help`).

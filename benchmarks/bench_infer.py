@@ -1,7 +1,7 @@
 """Whole-series inference benchmark: seconds per series and peak memory of `ctld-infer`'s engine.
 
-    python benchmarks/bench_infer.py --device cuda --steps 10,20 --out bench_infer_gpu.json
-    python benchmarks/bench_infer.py --device cpu --reduced --steps 2 --out bench_infer_cpu.json
+    python benchmarks/bench_infer.py --device cuda --steps 0,10,20 --out bench_infer_gpu.json
+    python benchmarks/bench_infer.py --device cpu --reduced --steps 0,2 --out bench_infer_cpu.json
 
 The series is the issue's reference case: 60 thick slices of 512x512 at 5 mm, factor 5 -> 300 thin slices of 1 mm
 (`--reduced`: 12 slices of 128x128, for CPUs). Each preset (configs/base.yaml, configs/large.yaml when present)
@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from ctld.config import load_config  # noqa: E402
-from ctld.diffusion import build_train_scheduler  # noqa: E402
+from ctld.diffusion import ResidualSpec, build_train_scheduler  # noqa: E402
 from ctld.export import Export  # noqa: E402
 from ctld.inference import CtldPredictor, fit_depth_windows, interpolate_volume, plan_windows  # noqa: E402
 from ctld.models.unet import UNet3D  # noqa: E402
@@ -69,7 +69,10 @@ def bench_preset(preset: Path, *, device: torch.device, steps_list: list[int], s
     vae = AutoencoderKL3D(**{**asdict(cfg.vae), "gradient_checkpointing": False}).to(device).eval()
     unet = UNet3D(latent_channels=cfg.vae.latent_channels, factor=cfg.data.factor,
                   **{**asdict(cfg.unet), "gradient_checkpointing": False}).to(device).eval()
-    export = Export(vae=vae, unet=unet, scheduler=build_train_scheduler(cfg.diffusion), meta={})
+    spec = ResidualSpec(prior="encode_cubic", factor=cfg.data.factor, residual_scale=5.0,
+                        strength=cfg.diffusion.strength, num_train_timesteps=cfg.diffusion.num_train_timesteps)
+    export = Export(vae=vae, unet=unet, scheduler=build_train_scheduler(cfg.diffusion),
+                    meta={"factor": cfg.data.factor, **spec.to_meta()})
     thick = np.random.default_rng(0).integers(-1024, 1500, size=shape).astype(np.int16)
     context, overlap = fit_depth_windows(cfg.data.depth_thick, cfg.infer.depth_context, cfg.infer.depth_overlap)
     window = dict(factor=cfg.data.factor, depth_thick=cfg.data.depth_thick, patch_size=cfg.data.patch_size,
@@ -81,7 +84,10 @@ def bench_preset(preset: Path, *, device: torch.device, steps_list: list[int], s
                         inplane_overlap=cfg.infer.inplane_overlap)
     results = []
     for steps in steps_list:
-        predictor = CtldPredictor(export, sampler=sampler, num_inference_steps=steps, seed=0, device=device)
+        # steps 0 = regression (one pass); otherwise diffusion with that many sampler steps.
+        mode = "regression" if steps == 0 else "diffusion"
+        predictor = CtldPredictor(export, mode=mode, sampler=sampler, num_inference_steps=max(steps, 1), seed=0,
+                                  device=device)
         # Warm-up: one window batch (cuDNN autotuning, allocator), not timed.
         interpolate_volume(thick[: cfg.data.depth_thick], predictor, **{**window, "depth_context": 0,
                                                                          "depth_overlap": 0})
@@ -118,7 +124,7 @@ def bench_preset(preset: Path, *, device: torch.device, steps_list: list[int], s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--steps", default="20", help="comma-separated sampler step counts, e.g. 10,20")
+    parser.add_argument("--steps", default="0,10", help="comma-separated sampler step counts; 0 = regression mode")
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "dpm", "ddpm"), help="sampling scheduler")
     parser.add_argument("--presets", default="", help="comma-separated config files (default: base, large if present)")
     parser.add_argument("--reduced", action="store_true", help="12 thick slices of 128x128 instead of 60 of 512x512")

@@ -14,7 +14,7 @@ while other processes hold the cores (on an oversubscribed 2-core machine it mad
 
 Measured per shape:
   vae_step     VAE forward + backward + AdamW step on a thin patch (recon MSE + KL)
-  unet_step    U-Net forward + backward + AdamW step on latents (diffusion_loss)
+  unet_step    U-Net forward + backward + AdamW step on latents (residual_loss)
   train_step   the diffusion training step: frozen VAE encode of thick+thin under no_grad, U-Net
                forward/backward, AdamW step
   ddim20       encode the thick patch, 20 DDIM steps, decode the thin latent
@@ -50,11 +50,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from ctld.config import load_config  # noqa: E402
 from ctld.diffusion import (  # noqa: E402
+    ResidualSpec,
     build_sampler,
     build_train_scheduler,
     decode_latents,
-    diffusion_loss,
     encode_latents,
+    residual_loss,
     sample,
 )
 from ctld.models.unet import UNet3D  # noqa: E402
@@ -191,28 +192,32 @@ def bench_shape(cfg, *, vae, unet_kwargs, device, depth_thick, factor, size, tra
 
     # U-Net forward + backward + optimizer step on latents.
     unet_opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
-    z_thin, z_thick = latent(train_batch, d_thin), latent(train_batch, depth_thick)
+    z_thin, z_prior = latent(train_batch, d_thin), latent(train_batch, d_thin)
+    spec = ResidualSpec(prior="encode_cubic", factor=cfg.data.factor, residual_scale=5.0,
+                        strength=cfg.diffusion.strength, num_train_timesteps=cfg.diffusion.num_train_timesteps)
+    residual_kwargs = dict(residual_scale=spec.residual_scale, strength=spec.strength,
+                           regression_fraction=cfg.diffusion.regression_fraction,
+                           min_snr_gamma=cfg.diffusion.min_snr_gamma, generator=gen)
 
     def unet_step():
         unet.train()
         with amp:
-            loss = diffusion_loss(unet, scheduler, z_thin, z_thick, min_snr_gamma=cfg.diffusion.min_snr_gamma,
-                                  generator=gen)
+            loss = residual_loss(unet, scheduler, z_thin, z_prior, **residual_kwargs)
         loss.backward()
         unet_opt.step()
         unet_opt.zero_grad(set_to_none=True)
 
-    # The full diffusion training step, as the trainer runs it: frozen VAE encode once, under no_grad.
+    # The full diffusion training step, as the trainer runs it: the frozen VAE encodes the thin target and the
+    # prior's thin-grid image under no_grad.
     x_thick = image(train_batch, depth_thick)
 
     def train_step():
         vae.eval()
         unet.train()
         with amp:
-            latents = encode_latents(vae, x_thin, generator=gen, sample_posterior=True)
-            cond_latents = encode_latents(vae, x_thick)
-            loss = diffusion_loss(unet, scheduler, latents, cond_latents,
-                                  min_snr_gamma=cfg.diffusion.min_snr_gamma, generator=gen)
+            latents = encode_latents(vae, x_thin)
+            prior = spec.prior_latents(vae, x_thick)
+            loss = residual_loss(unet, scheduler, latents, prior, **residual_kwargs)
         loss.backward()
         unet_opt.step()
         unet_opt.zero_grad(set_to_none=True)
@@ -225,8 +230,9 @@ def bench_shape(cfg, *, vae, unet_kwargs, device, depth_thick, factor, size, tra
         vae.eval()
         unet.eval()
         with torch.no_grad(), amp:
-            cond_latents = encode_latents(vae, x_thick_infer)
-            latents = sample(unet, sampler, cond_latents, num_inference_steps=steps, generator=gen)
+            prior = spec.prior_latents(vae, x_thick_infer)
+            latents = sample(unet, sampler, prior, residual_scale=spec.residual_scale, strength=spec.strength,
+                             num_inference_steps=steps, generator=gen)
             decode_latents(vae, latents.to(memory_format=fmt))
 
     for name, fn in (("vae_step", vae_step), ("unet_step", unet_step), ("train_step", train_step),

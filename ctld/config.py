@@ -44,6 +44,9 @@ class DataConfig:
     min_foreground_fraction: float = 0.05  # resample crops whose fraction of non-air voxels is below this
     max_skipped_fraction: float = 0.5  # a loader worker fails once it skipped more than this share of samples
     seed: int = 0  # data stream seed, combined with the trainer's seed, rank, worker and step (ctld/data/loader.py)
+    # Slice sensitivity profile of simulated thick slices (shard builder, ctld-eval): box = the slab mean; gaussian /
+    # triangle = FWHM equal to the thick slice thickness, closer to a scanner's reconstructed thick slice.
+    thick_profile: Literal["box", "gaussian", "triangle"] = "box"
 
 
 @dataclass
@@ -83,6 +86,7 @@ class VAEConfig:
     mid_attention: bool = False
     scaling_factor: float = 1.0
     gradient_checkpointing: bool = False
+    zero_init_residual: bool = False  # a fresh VAE is exactly its space-to-channel shortcut (ctld/models/vae.py)
 
 
 @dataclass
@@ -106,13 +110,21 @@ class DiffusionConfig:
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
-    min_snr_gamma: float | None = 5.0  # Min-SNR weighting, https://arxiv.org/abs/2303.09556; null = off
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "sample"
+    min_snr_gamma: float | None = None  # Min-SNR weighting, https://arxiv.org/abs/2303.09556; null = off
     # Spread of the few sampling timesteps; "trailing" starts at the last training step (arXiv:2305.08891, table 2).
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (arXiv:2305.08891); needs v_prediction or sample
     sampler: Literal["ddim", "dpm", "ddpm"] = "ddim"
     num_inference_steps: int = 20
+    # The residual model (ctld/diffusion.py): the prior it corrects, how far sampling starts from it, the share of
+    # regression samples in each batch, and the residual's scale (0 = 1/std measured at the start of training).
+    prior: Literal["encode_slab", "encode_cubic", "latent_cubic"] = "encode_slab"
+    strength: float = 0.5  # diffusion starts at the prior noised to this fraction of the schedule; trained below it
+    regression_fraction: float = 0.5
+    residual_scale: float = 0.0
+    slab_taps: int = 5  # slab filter taps over neighbouring thick slices (ctld.baselines.SlabFilter)
+    slab_fit_volumes: int = 64  # training volumes the slab filter is fitted on (closed form)
 
 
 @dataclass
@@ -135,7 +147,10 @@ class TrainConfig:
     checkpoints_total_limit: int = 3
     resume: str = ""  # "" | "latest" | a checkpoint folder
     vae_export: str = ""  # diffusion stage: the VAE run's export/ folder
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # the EMA's final decay
+    # Ramp the decay up as 1 - (1 + step)^(-2/3) (diffusers' EMA warmup), capped at ema_decay: early EMA weights
+    # are not dominated by the random start, which matters for short runs.
+    ema_warmup: bool = True
     thick_fraction: float = 0.5  # VAE stage: fraction of thick patches in a batch
     kl_weight: float = 1e-6
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
@@ -149,8 +164,9 @@ class TrainConfig:
 class InferConfig:
     """`ctld-infer` / `ctld-eval` sliding-window settings (ctld/inference.py); window size comes from the export."""
 
+    mode: Literal["regression", "diffusion"] = "regression"  # one pass (conditional mean) or diffusion samples
     sampler: Literal["ddim", "dpm", "ddpm"] = "ddim"
-    num_inference_steps: int = 20
+    num_inference_steps: int = 20  # diffusion mode: sampler steps below the export's strength
     depth_context: int = 2  # thick slices at each window end that are context only (their output is dropped)
     depth_overlap: int = 1  # contributing thick slices shared (blended) by neighbouring windows
     inplane_overlap: float = 0.25  # fraction of the tile shared by neighbouring tiles

@@ -4,15 +4,19 @@
     ctld-eval --checkpoint runs/ctld/export --pair thick_5mm/ thin_1mm/ --out report/
     ctld-eval --vae runs/vae/export thin_ct/ --out vae_report/
     ctld-eval --method cubic --factor 5 thin_ct/ --out check/      # a baseline through the windowed engine
+    ctld-eval --checkpoint runs/ctld/export --method prior thin_ct/ --out prior/   # the prior an untrained model gives
 
 DATA may be thin series (DICOM folders/ZIPs, NIfTI files): the thick input is simulated with
-`ctld.data.transforms.simulate_thick` (thick slice k = mean of thin slices [k*f, (k+1)*f)); `--pair THICK THIN`
+`ctld.data.transforms.simulate_thick` (the slice profile the export was trained with, `--thick_profile`; box =
+thick slice k is the mean of thin slices [k*f, (k+1)*f)); `--pair THICK THIN`
 gives a real thick/thin pair of one study; a shards folder (with manifest.json) contributes its test split, real
 or simulated pairs as stored. Every method predicts the thin grid of DESIGN.md from the thick series and is scored
 against the thin slices it covers, with the protocol of `ctld.metrics` (written out in metrics.json).
 
 Outputs in REPORT_DIR: metrics.json (per case and mean, with the protocol), panels/<case>.png (axial, coronal,
-sagittal: thick | nearest | cubic | model | target | |model - target|) and report.md (tables and figures).
+sagittal: thick | cubic | slab filter | each ctld mode | target | error of the first mode) and report.md (tables and
+figures). Rows: nearest, linear, cubic, slab_filter (the export's, fitted on its training split), ctld_regression,
+ctld_diffusion; columns in our protocol and the field's (RPLHR-CT, `ctld.metrics`), each named in the report.
 Case names are salted hashes of the series (salt: $CTLD_SALT, else random per run): no identifiers leave.
 """
 
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctld.baselines import METHODS, interpolate_z
+from ctld.baselines import METHODS, SlabFilter, interpolate_z
 from ctld.config import DataConfig
 from ctld.data.transforms import simulate_thick
 from ctld.data.volume import Volume
@@ -43,6 +47,7 @@ from ctld.inference import (
     infer_config_from,
     interpolate_volume,
     pick_device,
+    prior_predictor,
     vae_predictor,
 )
 from ctld.metrics import PROTOCOL, WINDOWS, all_metrics
@@ -50,7 +55,8 @@ from ctld.panels import save_panels
 
 logger = logging.getLogger(__name__)
 
-METRIC_KEYS = ("psnr_wide", "ssim_wide", "psnr_soft_tissue", "ssim_soft_tissue", "mae_hu")
+METRIC_KEYS = ("psnr_wide", "ssim_wide", "psnr_soft_tissue", "ssim_soft_tissue", "mae_hu", "rplhr_psnr", "rplhr_ssim")
+MODES = ("regression", "diffusion")
 THIN_MAX_SPACING_MM = 2.0  # a DATA series with a wider slice spacing is not a thin target (ShardsConfig default)
 
 
@@ -77,8 +83,8 @@ def _case_name(volume_or_key: str, salt: str, index: int) -> str:
     return f"case{index:03d}_{anon_id(volume_or_key, salt, 'eval', length=8)}"
 
 
-def _simulated_case(thin: Volume, factor: int, name: str) -> Case:
-    thick = simulate_thick(thin.hu, factor)
+def _simulated_case(thin: Volume, factor: int, name: str, thick_profile: str = "box") -> Case:
+    thick = simulate_thick(thin.hu, factor, thick_profile)
     depth = thick.shape[0] * factor
     return Case(name=name, thick_hu=thick, target_hu=thin.hu[:depth], valid=(0, depth),
                 thin_spacing_mm=thin.spacing_mm, direction=thin.direction, thick_source="simulated")
@@ -162,7 +168,8 @@ def _shard_cases(folder: Path, factor: int, salt: str, start: int) -> list[Case]
     return cases
 
 
-def load_cases(data: list[str], pairs: list[list[str]], factor: int, salt: str, max_cases: int = 0) -> list[Case]:
+def load_cases(data: list[str], pairs: list[list[str]], factor: int, salt: str, max_cases: int = 0,
+               thick_profile: str = "box") -> list[Case]:
     cases: list[Case] = []
     for item in data:
         path = Path(item)
@@ -180,7 +187,7 @@ def load_cases(data: list[str], pairs: list[list[str]], factor: int, salt: str, 
                 logger.warning("%s: series %s has %d slices, fewer than factor %d; left out", path, volume.series_id,
                                volume.shape[0], factor)
                 continue
-            cases.append(_simulated_case(volume, factor, _case_name(volume.series_id, salt, len(cases))))
+            cases.append(_simulated_case(volume, factor, _case_name(volume.series_id, salt, len(cases)), thick_profile))
     for thick_path, thin_path in pairs:
         thick_volumes, thin_volumes = _read_volumes(Path(thick_path), salt), _read_volumes(Path(thin_path), salt)
         if len(thick_volumes) != 1 or len(thin_volumes) != 1:
@@ -211,6 +218,7 @@ def _write_json(path: Path, doc: dict) -> None:
 
 
 def _table(rows: dict[str, dict[str, float]], keys=METRIC_KEYS) -> list[str]:
+    keys = [k for k in keys if all(k in values for values in rows.values())]
     header = "| method | " + " | ".join(keys) + " |"
     lines = [header, "|" + "---|" * (len(keys) + 1)]
     for method, values in rows.items():
@@ -219,32 +227,40 @@ def _table(rows: dict[str, dict[str, float]], keys=METRIC_KEYS) -> list[str]:
     return lines
 
 
-def evaluate_interpolation(cases: list[Case], model_name: str, predict, *, factor: int, depth_thick: int,
-                           patch_size: int, hu_range, cfg, device, out: Path, progress: bool,
-                           panel_window: tuple[float, float]) -> dict:
-    """Run the baselines and the model on every case; returns the metrics document (also written)."""
+def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, depth_thick: int, patch_size: int,
+                           cfg, device, out: Path, progress: bool, panel_window: tuple[float, float],
+                           slab_filter: SlabFilter | None = None) -> dict:
+    """Score the baselines (nearest, linear, cubic and, when given, the slab filter fitted on the training split)
+    and every model of `models` ({name: (predict_fn, hu_range)}, run through the windowed engine) on every case;
+    returns the metrics document (also written). `models` may hold the target itself as {"target": None}."""
     context, overlap = fit_depth_windows(depth_thick, cfg.depth_context, cfg.depth_overlap)
     per_case = []
     for case in cases:
         lo, hi = case.valid
         target = case.target_hu[lo:hi]
         predictions = {method: interpolate_z(case.thick_hu, factor, method) for method in METHODS}
-        if model_name == "target":
-            predictions[model_name] = case.target_hu.astype(np.float32)
-        else:
-            predictions[model_name] = interpolate_volume(
+        if slab_filter is not None:
+            predictions["slab_filter"] = slab_filter.apply(case.thick_hu)
+        for name, model in models.items():
+            if model is None:
+                predictions[name] = case.target_hu.astype(np.float32)
+                continue
+            predict, hu_range = model
+            predictions[name] = interpolate_volume(
                 case.thick_hu, predict, factor=factor, depth_thick=depth_thick, patch_size=patch_size,
                 hu_range=hu_range, depth_context=context, depth_overlap=overlap,
                 inplane_overlap=cfg.inplane_overlap, batch_size=cfg.batch_size, device=device, progress=progress,
             )
-        metrics = {method: all_metrics(pred[lo:hi], target) for method, pred in predictions.items()}
+        metrics = {method: all_metrics(pred[lo:hi], target, rplhr=True) for method, pred in predictions.items()}
         per_case.append(metrics)
+        shown = next(iter(models))
         thick_on_grid = interpolate_z(case.thick_hu, factor, "nearest")[lo:hi]
-        columns = [("thick", thick_on_grid), ("nearest", predictions["nearest"][lo:hi]),
-                   ("cubic", predictions["cubic"][lo:hi]), (model_name, predictions[model_name][lo:hi]),
-                   ("target", target)]
+        columns = [("thick", thick_on_grid), ("cubic", predictions["cubic"][lo:hi])]
+        if slab_filter is not None:
+            columns.append(("slab_filter", predictions["slab_filter"][lo:hi]))
+        columns += [(name, predictions[name][lo:hi]) for name in models] + [("target", target)]
         save_panels(out / "panels" / f"{case.name}.png", columns, spacing_mm=case.thin_spacing_mm,
-                    direction=case.direction, window=panel_window, error_of=model_name, reference="target")
+                    direction=case.direction, window=panel_window, error_of=shown, reference="target")
         logger.info("%s: %s", case.name, {m: round(v["psnr_soft_tissue"], 2) for m, v in metrics.items()})
     return {
         "cases": [
@@ -274,7 +290,7 @@ def evaluate_vae(cases: list[Case], vae, *, factor: int, depth_thick: int, patch
                 patch_size=patch_size, hu_range=hu_range, depth_context=context, depth_overlap=overlap,
                 inplane_overlap=cfg.inplane_overlap, batch_size=cfg.batch_size, device=device, progress=progress,
             )
-            metrics[f"vae_{kind}"] = all_metrics(recon[kind], volume)
+            metrics[f"vae_{kind}"] = all_metrics(recon[kind], volume, rplhr=True)
         per_case.append(metrics)
         save_panels(out / "panels" / f"{case.name}.png", [("thin", case.target_hu[lo:hi]), ("vae", recon["thin"])],
                     spacing_mm=case.thin_spacing_mm, direction=case.direction, window=panel_window,
@@ -290,7 +306,10 @@ def write_report(out: Path, doc: dict) -> None:
     _write_json(out / "metrics.json", doc)
     title = "VAE reconstruction ceiling" if doc["mode"] == "vae" else "ctld vs interpolation baselines"
     lines = [f"# ctld-eval: {title}", "", f"{len(doc['cases'])} case(s). Settings: `{json.dumps(doc['settings'])}`",
-             "", "## Mean over cases", "", *_table(doc["mean"]), "", "## Protocol", ""]
+             "", "## Mean over cases", "", *_table(doc["mean"]), "",
+             "Columns `psnr_*`, `ssim_*` (windows `wide` and `soft_tissue`) and `mae_hu` follow ctld's protocol; "
+             "`rplhr_psnr` and `rplhr_ssim` follow the RPLHR-CT protocol of the field. Both are spelled out below.",
+             "", "## Protocol", ""]
     lines += [f"- {key}: {value}" for key, value in doc["protocol"].items()]
     lines += ["", "## Cases", ""]
     for case in doc["cases"]:
@@ -308,9 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="report folder (metrics.json, report.md, panels/)")
     parser.add_argument("--checkpoint", default=None, help="export folder of a diffusion run: evaluate ctld")
     parser.add_argument("--vae", default=None, help="export folder: report the VAE's encode->decode ceiling")
-    parser.add_argument("--method", choices=("ctld", *METHODS, "target"), default="ctld",
-                        help="what fills the model column: ctld (needs --checkpoint), a baseline run through the "
+    parser.add_argument("--method", choices=("ctld", "prior", *METHODS, "target"), default="ctld",
+                        help="what fills the model rows: ctld (needs --checkpoint; one row per --modes), the "
+                             "export's prior alone (what an untrained model returns), a baseline run through the "
                              "windowed engine, or the target itself (checks the metric pipeline)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="ctld inference modes to score, comma-separated (default: regression,diffusion)")
+    parser.add_argument("--thick_profile", choices=("box", "gaussian", "triangle"), default=None,
+                        help="slice profile simulating thick series from thin DATA (default: the export's, else box)")
     parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("THICK", "THIN"),
                         help="a real thick/thin pair of one study (repeatable)")
     parser.add_argument("--factor", type=int, default=None, help="without an export: thin slices per thick slice")
@@ -328,8 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.checkpoint and args.vae:
             raise ValueError("pass either --checkpoint (ctld vs baselines) or --vae (reconstruction ceiling)")
-        if args.method == "ctld" and not (args.checkpoint or args.vae):
-            raise ValueError("--method ctld needs --checkpoint EXPORT (or pick --method cubic|linear|nearest|target)")
+        if args.method in ("ctld", "prior") and not (args.checkpoint or args.vae):
+            raise ValueError(f"--method {args.method} needs --checkpoint EXPORT (or pick --method "
+                             "cubic|linear|nearest|target)")
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        if not modes or any(m not in MODES for m in modes):
+            raise ValueError(f"--modes={args.modes!r}: give one or more of {','.join(MODES)}")
         cfg = infer_config_from(args)
         device = pick_device(args.device)
         export = load_export(args.checkpoint or args.vae, device) if (args.checkpoint or args.vae) else None
@@ -347,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         factor, depth_thick, patch_size = int(meta["factor"]), int(meta["depth_thick"]), int(meta["patch_size"])
         hu_range = (float(meta["hu_min"]), float(meta["hu_max"]))
         salt = os.environ.get("CTLD_SALT") or secrets.token_hex(16)
-        cases = load_cases(args.data, args.pair, factor, salt, args.max_cases)
+        thick_profile = args.thick_profile or meta.get("thick_profile", "box")
+        cases = load_cases(args.data, args.pair, factor, salt, args.max_cases, thick_profile)
+        slab_filter = SlabFilter.from_json(meta["slab_filter"]) if "slab_filter" in meta else None
         trained_mm = meta.get("thin_spacing_mm")
         for case in cases:
             if trained_mm and abs(case.thin_spacing_mm[0] / float(trained_mm) - 1.0) > cfg.spacing_tolerance >= 0:
@@ -358,22 +388,24 @@ def main(argv: list[str] | None = None) -> int:
         common = dict(factor=factor, depth_thick=depth_thick, patch_size=patch_size, cfg=cfg, device=device,
                       out=out, progress=not args.no_progress, panel_window=WINDOWS[args.panel_window])
         settings = {"factor": factor, "depth_thick": depth_thick, "patch_size": patch_size,
-                    "hu_range": list(hu_range), "device": str(device), **vars(cfg)}
+                    "hu_range": list(hu_range), "device": str(device), "thick_profile": thick_profile, **vars(cfg)}
         if args.vae:
             result = evaluate_vae(cases, export.vae, hu_range=hu_range, **common)
             mode = "vae"
         else:
             if args.method == "ctld":
-                model_name = "ctld"
-                predict = CtldPredictor(export, sampler=cfg.sampler, num_inference_steps=cfg.num_inference_steps,
-                                        num_samples=cfg.num_samples, seed=cfg.seed, device=device)
-                model_range = hu_range
+                models = {f"ctld_{m}": (CtldPredictor(export, mode=m, sampler=cfg.sampler,
+                                                      num_inference_steps=cfg.num_inference_steps,
+                                                      num_samples=cfg.num_samples, seed=cfg.seed, device=device),
+                                        hu_range) for m in modes}
+                settings["modes"] = modes
+            elif args.method == "prior":
+                models = {"prior": (prior_predictor(export, device), hu_range)}
             elif args.method == "target":
-                model_name, predict, model_range = "target", None, None
+                models = {"target": None}
             else:  # a baseline through the windowed engine, in HU, to check the stitching end to end
-                model_name, predict, model_range = f"windowed_{args.method}", None, None
-                predict = baseline_predictor(factor, args.method)
-            result = evaluate_interpolation(cases, model_name, predict, hu_range=model_range, **common)
+                models = {f"windowed_{args.method}": (baseline_predictor(factor, args.method), None)}
+            result = evaluate_interpolation(cases, models, slab_filter=slab_filter, **common)
             mode = "interpolation"
             settings["method"] = args.method
     except (ValueError, FileNotFoundError, SeriesSkipped) as error:
@@ -382,9 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     protocol = {
         **PROTOCOL,
         "thin_grid": "thin slices of thick slice k at z_k + (i - (f - 1) / 2) * dz / f (docs/DESIGN.md)",
-        "simulated_thick": "thick slice k = mean of thin slices [k*f, (k+1)*f) (ctld.data.transforms.simulate_thick)",
+        "simulated_thick": f"thick slice k = the {settings.get('thick_profile', 'box')}-profile average of the thin "
+                           "slices around slab [k*f, (k+1)*f) (box = their mean; ctld.data.transforms.simulate_thick)",
         "baselines": "interpolation along z only (ctld.baselines): nearest = the covering thick slice, linear, "
-                     "cubic = Keys cubic convolution a=-0.5; edge slices replicated",
+                     "cubic = Keys cubic convolution a=-0.5; slab_filter = the per-phase linear z-filter fitted in "
+                     "closed form on the model's training split (stored in the export); edge slices replicated",
+        "ctld": "ctld_regression = one pass of the residual model (the conditional mean); ctld_diffusion = the mean "
+                "of num_samples diffusion samples started from the noised prior",
         "scored_slices": "thin slices covered by the thick series (real pairs: where the thin series has them)",
     }
     doc = {"mode": mode, "protocol": protocol, "settings": settings, **result}

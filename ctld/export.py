@@ -1,7 +1,7 @@
 """Exports: safetensors weights with their constructor kwargs beside them, so a folder rebuilds its own models.
 
     runs/<name>/export/
-        vae.safetensors   vae.json      {"class": "AutoencoderKL3D", "kwargs": {...}, "format_version": 1}
+        vae.safetensors   vae.json      {"class": "AutoencoderKL3D", "kwargs": {...}, "format_version": 2}
         unet.safetensors  unet.json     (diffusion stage; the EMA weights)
         scheduler_config.json           diffusers `save_config` of the training scheduler
         ctld.json                       meta: factor, hu_min, hu_max, depth_thick, patch_size, ...
@@ -29,7 +29,10 @@ from ctld.models.vae import AutoencoderKL3D
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: the residual model (the U-Net conditioned on a prior latent and the slab phase; ctld.json's `residual` and
+# `slab_filter`). Version 1 U-Nets were conditioned on repeated thick latents and cannot be loaded into it.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = {"AutoencoderKL3D": {1, 2}, "UNet3D": {2}}  # the VAE did not change
 MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {"AutoencoderKL3D": AutoencoderKL3D, "UNet3D": UNet3D}
 REQUIRED_META = ("factor", "hu_min", "hu_max", "depth_thick", "patch_size")
 
@@ -79,9 +82,11 @@ def load_model(directory: str | Path, name: str, device: str | torch.device = "c
     cls_name = spec.get("class")
     if cls_name not in MODEL_CLASSES:
         raise ValueError(f"{spec_path}: unknown model class {cls_name!r}; expected one of {sorted(MODEL_CLASSES)}")
-    if spec.get("format_version") != FORMAT_VERSION:
+    if spec.get("format_version") not in READABLE_VERSIONS[cls_name]:
         raise ValueError(
-            f"{spec_path}: format_version {spec.get('format_version')!r}; this ctld reads {FORMAT_VERSION}"
+            f"{spec_path}: {cls_name} of format_version {spec.get('format_version')!r}; this ctld reads "
+            f"{sorted(READABLE_VERSIONS[cls_name])}. A version-1 U-Net predates the residual model (conditioned on "
+            "repeated thick latents): retrain the diffusion stage with this ctld on the same VAE export"
         )
     model = MODEL_CLASSES[cls_name](**spec["kwargs"])
     # Read on the CPU, then move: safetensors rejects device strings such as "cpu:0" that accelerate produces.

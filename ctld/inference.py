@@ -44,7 +44,10 @@ logger = logging.getLogger(__name__)
 
 AIR_HU = -1024.0
 # (B, 1, depth, P, P) float32 window batch -> (B, 1, depth * factor, P, P), in model units or HU (see hu_range).
-PredictFn = Callable[[torch.Tensor], torch.Tensor]
+# A predictor with a `prior_fn` attribute is also given the matching windows of its prior (B, 1, depth * factor,
+# P, P) as a second argument: the prior is computed once on the whole (padded) volume, so a window's edge slices
+# get the same filter taps as its interior.
+PredictFn = Callable[..., torch.Tensor]
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:
@@ -173,7 +176,8 @@ def interpolate_volume(
 
     Args:
         thick_hu: (D, H, W) thick HU, D in increasing position along the slice normal.
-        predict_fn: (B, 1, depth_thick, P, P) float32 on `device` -> (B, 1, depth_thick * factor, P, P).
+        predict_fn: (B, 1, depth_thick, P, P) float32 on `device` -> (B, 1, depth_thick * factor, P, P); with a
+            `prior_fn` attribute (whole padded thick volume -> its thin-grid prior) it also gets the prior's windows.
         factor: thin slices per thick slice.
         depth_thick: thick slices per window (the model's training depth).
         patch_size: in-plane tile edge P in pixels.
@@ -202,6 +206,11 @@ def interpolate_volume(
         inplane_overlap=inplane_overlap,
     )
     padded = _pad(thick_hu, plan)
+    prior_fn = getattr(predict_fn, "prior_fn", None)
+    prior_volume = None
+    if prior_fn is not None:  # (D_pad * factor, H_pad, W_pad), in the predictor's units
+        whole = hu_to_model(padded, *hu_range) if hu_range is not None else padded.astype(np.float32)
+        prior_volume = np.asarray(prior_fn(whole), dtype=np.float32)
     thin_depth = plan.depth * factor
     # Accumulate where the model runs: on a GPU this avoids a host round trip per window (the whole thin volume,
     # 300x512x512 float32 = 0.3 GB, is small next to the models' activations).
@@ -243,7 +252,12 @@ def interpolate_volume(
             if hu_range is not None:
                 thick = hu_to_model(thick, *hu_range)
             with torch.no_grad():
-                pred = predict_fn(thick)
+                if prior_volume is None:
+                    pred = predict_fn(thick)
+                else:
+                    prior = np.stack([prior_volume[d0 * factor : (d0 + depth_thick) * factor, y0 : y0 + patch_size,
+                                                   x0 : x0 + patch_size] for d0, y0, x0 in batch_windows])[:, None]
+                    pred = predict_fn(thick, torch.from_numpy(prior).to(device))
             expected = (len(batch_windows), 1, depth_thick * factor, patch_size, patch_size)
             if tuple(pred.shape) != expected:
                 raise RuntimeError(f"predict_fn returned shape {tuple(pred.shape)}, expected {expected}")
@@ -310,48 +324,85 @@ def autocast_context(device: torch.device | str):
 
 
 class CtldPredictor:
-    """thick window -> VAE encode -> diffusion sample of the thin latent -> VAE decode.
+    """thick window -> prior latent -> the residual model (one regression pass, or diffusion samples averaged)
+    -> VAE decode.
 
     Args:
         export: a loaded `ctld.export.Export` with a U-Net and a scheduler.
-        sampler: "ddim" | "dpm" | "ddpm" (built from the export's training scheduler config).
-        num_inference_steps: denoising steps per window.
+        mode: "regression" (one pass: the conditional mean) or "diffusion" (samples from the noised prior).
+        sampler: "ddim" | "dpm" | "ddpm" (built from the export's training scheduler config), diffusion mode.
+        num_inference_steps: sampler steps per window below the export's strength, diffusion mode.
         num_samples: diffusion samples averaged per window (their mean is a lower-variance estimate).
         seed: seeds the sampling noise; the same seed, settings and batch size give the same output.
         device: where the models run.
     """
 
-    def __init__(self, export, *, sampler: str, num_inference_steps: int, num_samples: int = 1, seed: int = 0,
-                 device: torch.device | str = "cpu"):
-        from ctld.diffusion import build_sampler
+    def __init__(self, export, *, mode: str = "regression", sampler: str = "ddim", num_inference_steps: int = 4,
+                 num_samples: int = 1, seed: int = 0, device: torch.device | str = "cpu"):
+        from ctld.diffusion import ResidualSpec, build_sampler
 
         if export.unet is None or export.scheduler is None:
             raise ValueError(
                 "the export holds no diffusion U-Net/scheduler (a VAE-only export); ctld-infer needs the export of a "
                 "diffusion-stage run (use `ctld-eval --vae` to measure a VAE export)"
             )
+        if mode not in ("regression", "diffusion"):
+            raise ValueError(f"unknown inference mode {mode!r}; choose regression or diffusion")
         if num_samples < 1 or num_inference_steps < 1:
             raise ValueError(f"num_samples and num_inference_steps must be >= 1, got {num_samples}, "
                              f"{num_inference_steps}")
         self.vae, self.unet = export.vae, export.unet
+        self.spec = ResidualSpec.from_meta(export.meta)
+        self.mode = mode
         self.sampler = build_sampler(sampler, export.scheduler.config)
         self.num_inference_steps = num_inference_steps
         self.num_samples = num_samples
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # The engine computes pixel-space priors once per volume; a latent-space prior comes from each window.
+        self.prior_fn = None if self.spec.prior == "latent_cubic" else self._prior_pixels
 
-    def __call__(self, thick: torch.Tensor) -> torch.Tensor:
-        from ctld.diffusion import decode_latents, encode_latents, sample
+    def _prior_pixels(self, thick_model: np.ndarray) -> np.ndarray:
+        return self.spec.prior_pixels(thick_model)
 
+    def __call__(self, thick: torch.Tensor, prior_pixels: torch.Tensor | None = None) -> torch.Tensor:
+        from ctld.diffusion import decode_latents, regress, sample
+
+        spec = self.spec
         with autocast_context(self.device):
-            cond_latents = encode_latents(self.vae, thick)
+            prior = spec.prior_latents(self.vae, thick, pixels=prior_pixels)
+            if self.mode == "regression":
+                latents = regress(self.unet, prior, residual_scale=spec.residual_scale,
+                                  num_train_timesteps=spec.num_train_timesteps)
+                return decode_latents(self.vae, latents).float()
             total = None
             for _ in range(self.num_samples):
-                latents = sample(self.unet, self.sampler, cond_latents, num_inference_steps=self.num_inference_steps,
+                latents = sample(self.unet, self.sampler, prior, residual_scale=spec.residual_scale,
+                                 strength=spec.strength, num_inference_steps=self.num_inference_steps,
                                  generator=self.generator)
                 thin = decode_latents(self.vae, latents).float()
                 total = thin if total is None else total + thin
         return total / self.num_samples
+
+
+def prior_predictor(export, device: torch.device | str = "cpu") -> PredictFn:
+    """The export's prior alone, decoded: what an untrained residual model returns (a check of the anchor)."""
+    from ctld.diffusion import ResidualSpec, decode_latents
+
+    spec = ResidualSpec.from_meta(export.meta)
+    vae = export.vae
+
+    def predict(thick: torch.Tensor, prior_pixels: torch.Tensor | None = None) -> torch.Tensor:
+        with autocast_context(device):
+            return decode_latents(vae, spec.prior_latents(vae, thick, pixels=prior_pixels)).float()
+
+    predict.prior_fn = None if spec.prior == "latent_cubic" else spec.prior_pixels
+    return predict
+
+
+def slab_predictor(slab_filter) -> PredictFn:
+    """A window predictor that applies the slab filter (use with `hu_range=None`), like `baseline_predictor`."""
+    return lambda thick: slab_filter.apply(thick)
 
 
 def vae_predictor(vae, device: torch.device | str = "cpu") -> PredictFn:
@@ -503,8 +554,12 @@ def infer_config_from(args: argparse.Namespace) -> InferConfig:
 def add_infer_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ctld-infer and ctld-eval; unset ones come from --config's infer section (base.yaml)."""
     parser.add_argument("--config", default=None, help="YAML config whose `infer` section gives the defaults")
+    parser.add_argument("--mode", choices=("regression", "diffusion"), default=None,
+                        help="regression: one pass, the conditional mean (best PSNR, fastest); diffusion: samples "
+                             "from the noised prior, averaged over --num_samples")
     parser.add_argument("--sampler", choices=("ddim", "dpm", "ddpm"), default=None, help="sampling scheduler")
-    parser.add_argument("--steps", dest="num_inference_steps", type=int, default=None, help="denoising steps")
+    parser.add_argument("--steps", dest="num_inference_steps", type=int, default=None,
+                        help="diffusion mode: denoising steps")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling noise (reproducible output)")
     parser.add_argument("--num_samples", type=int, default=None, help="diffusion samples averaged per window")
     parser.add_argument("--batch_size", type=int, default=None, help="windows per forward pass")
@@ -570,8 +625,9 @@ def main(argv: list[str] | None = None) -> int:
         volume, reference, kind = read_input(args.input, series_id=args.series_id)
         check_thick_volume(volume, factor=factor, thin_spacing_mm=float(meta.get("thin_spacing_mm", 1.0)),
                            spacing_tolerance=cfg.spacing_tolerance, name=str(args.input))
-        predictor = CtldPredictor(export, sampler=cfg.sampler, num_inference_steps=cfg.num_inference_steps,
-                                  num_samples=cfg.num_samples, seed=cfg.seed, device=device)
+        predictor = CtldPredictor(export, mode=cfg.mode, sampler=cfg.sampler,
+                                  num_inference_steps=cfg.num_inference_steps, num_samples=cfg.num_samples,
+                                  seed=cfg.seed, device=device)
         depth_thick = int(meta["depth_thick"])
         context, overlap = fit_depth_windows(depth_thick, cfg.depth_context, cfg.depth_overlap)
         thin_hu = interpolate_volume(

@@ -8,6 +8,11 @@ Protocol (DESIGN.md, Intensities), so numbers from both places agree:
   2D axial slice, then the mean over slices.
 - MAE in HU, without a window.
 
+The field's protocol (RPLHR-CT, MICCAI 2022, and its TVSRN baseline) is computed beside ours (`rplhr_metrics`):
+HU clipped to [-1024, 2048] and scaled to [0, 1], a few slices dropped at each end, PSNR with MAX = 1 per case,
+SSIM per axial slice with an 11x11 Gaussian window (sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, as Wang et al. 2004),
+averaged per case; means over cases are taken by the caller.
+
     from ctld.metrics import WINDOWS, psnr, ssim2d_mean, mae_hu
     psnr(pred_hu, target_hu, window=WINDOWS["soft_tissue"])
 """
@@ -26,12 +31,18 @@ from ctld.data.transforms import window_to_unit
 WINDOWS: dict[str, tuple[float, float]] = {"wide": (-1024.0, 2048.0), "soft_tissue": (-160.0, 240.0)}
 PSNR_CAP_DB = 100.0
 
+RPLHR_WINDOW = (-1024.0, 2048.0)
+RPLHR_TRIM_SLICES = 5  # thin slices dropped at each end (one 5 mm slab)
+
 PROTOCOL = {
     "windows_hu": {name: list(window) for name, window in WINDOWS.items()},
     "intensity": "HU clipped to the window and mapped to [0, 1]",
     "psnr": f"10*log10(1/MSE) over the whole volume, data range 1, capped at {PSNR_CAP_DB:g} dB",
     "ssim": "skimage.metrics.structural_similarity(data_range=1, win_size=7) per 2D axial slice, mean over slices",
     "mae_hu": "mean absolute error in HU over the whole volume, no window",
+    "rplhr_psnr / rplhr_ssim": f"the RPLHR-CT protocol: HU clipped to {list(RPLHR_WINDOW)} and scaled to [0, 1], "
+    f"{RPLHR_TRIM_SLICES} thin slices dropped at each end, PSNR with MAX 1 per case, SSIM per axial slice with an "
+    "11x11 Gaussian window (sigma 1.5, K1 0.01, K2 0.03), mean over slices",
 }
 
 
@@ -84,6 +95,29 @@ def ssim2d_mean(pred_hu, target_hu, window: tuple[float, float]) -> float:
     return float(np.mean(values))
 
 
+def rplhr_metrics(pred_hu, target_hu, trim_slices: int = RPLHR_TRIM_SLICES) -> dict[str, float]:
+    """`{"rplhr_psnr", "rplhr_ssim"}` of one (D, H, W) volume with the RPLHR-CT protocol (module docstring)."""
+    pred, target = _as_numpy(pred_hu), _as_numpy(target_hu)
+    _check_shapes(pred, target)
+    if pred.ndim != 3:
+        raise ValueError(f"the RPLHR protocol scores (D, H, W) volumes, got shape {pred.shape}")
+    if pred.shape[0] > 2 * trim_slices:  # short volumes (tests, tiny windows) are scored whole
+        pred, target = pred[trim_slices:-trim_slices], target[trim_slices:-trim_slices]
+    lo, hi = RPLHR_WINDOW
+    pred_unit, target_unit = window_to_unit(pred, lo, hi), window_to_unit(target, lo, hi)
+    mse = float(np.mean((pred_unit - target_unit) ** 2))
+    out = {"rplhr_psnr": PSNR_CAP_DB if mse <= 10.0 ** (-PSNR_CAP_DB / 10.0) else 10.0 * math.log10(1.0 / mse)}
+    if min(pred.shape[-2:]) >= 11:
+        out["rplhr_ssim"] = float(np.mean([
+            structural_similarity(p, t, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False, K1=0.01, K2=0.03)
+            for p, t in zip(pred_unit, target_unit, strict=True)
+        ]))
+    else:
+        out["rplhr_ssim"] = float("nan")
+    return out
+
+
 def mae_hu(pred_hu, target_hu) -> float:
     """Mean absolute error in HU."""
     pred, target = _as_numpy(pred_hu), _as_numpy(target_hu)
@@ -91,12 +125,15 @@ def mae_hu(pred_hu, target_hu) -> float:
     return float(np.mean(np.abs(pred.astype(np.float64) - target.astype(np.float64))))
 
 
-def all_metrics(pred_hu, target_hu) -> dict[str, float]:
-    """`{"psnr_wide", "ssim_wide", "psnr_soft_tissue", "ssim_soft_tissue", "mae_hu"}` for one volume."""
+def all_metrics(pred_hu, target_hu, *, rplhr: bool = False) -> dict[str, float]:
+    """`{"psnr_wide", "ssim_wide", "psnr_soft_tissue", "ssim_soft_tissue", "mae_hu"}` for one volume, plus
+    `rplhr_psnr` and `rplhr_ssim` (the field's protocol) when `rplhr` is set."""
     pred, target = _as_numpy(pred_hu), _as_numpy(target_hu)
     out: dict[str, float] = {}
     for name, window in WINDOWS.items():
         out[f"psnr_{name}"] = psnr(pred, target, window)
         out[f"ssim_{name}"] = ssim2d_mean(pred, target, window)
     out["mae_hu"] = mae_hu(pred, target)
+    if rplhr:
+        out.update(rplhr_metrics(pred, target))
     return out

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -52,10 +53,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ctld.baselines import SlabFilter, fit_slab_filter
 from ctld.checkpointing import StopRequest, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from ctld.config import Config, flatten_config, load_config, save_config
-from ctld.data.loader import make_patch_loader, shard_urls
-from ctld.diffusion import build_sampler, build_train_scheduler, diffusion_loss, encode_latents
+from ctld.data.loader import iter_covered_pairs, make_patch_loader, shard_urls
+from ctld.diffusion import ResidualSpec, build_sampler, build_train_scheduler, encode_latents, residual_loss
 from ctld.export import load_export, save_export
 from ctld.metrics import WINDOWS
 from ctld.models.unet import UNet3D
@@ -99,7 +101,7 @@ def train(cfg: Config) -> None:
     stage = cfg.train.stage
 
     # ---- models: the one being trained goes through `prepare`; the frozen VAE (diffusion stage) does not ----
-    frozen_vae = noise_scheduler = sampler = None
+    frozen_vae = noise_scheduler = sampler = spec = None
     if stage == "vae":
         model = AutoencoderKL3D(**asdict(cfg.vae))
     else:
@@ -107,10 +109,18 @@ def train(cfg: Config) -> None:
         model = UNet3D(latent_channels=frozen_vae.latent_channels, factor=cfg.data.factor, **asdict(cfg.unet))
         noise_scheduler = build_train_scheduler(cfg.diffusion)
         sampler = build_sampler(cfg.diffusion.sampler, noise_scheduler.config)
+        # Both are pure functions of the shards and the seed, so a resumed run computes the same values.
+        slab_filter = _fit_slab_filter(cfg)
+        spec = ResidualSpec(prior=cfg.diffusion.prior, factor=cfg.data.factor, residual_scale=1.0,
+                            strength=cfg.diffusion.strength, num_train_timesteps=cfg.diffusion.num_train_timesteps,
+                            slab_filter=slab_filter)
+        residual_scale = cfg.diffusion.residual_scale or _estimate_residual_scale(accelerator, frozen_vae, spec, cfg)
+        spec = dataclasses.replace(spec, residual_scale=residual_scale)
     # EMA of the U-Net in fp32 (bf16 cannot hold updates of 1e-4 relative size), created before `prepare`
     # casts the model. Saved and restored with each checkpoint (ctld.checkpointing).
     # foreach: one fused update (and under ZeRO-3 one gather of all parameters instead of one per tensor).
-    ema = EMAModel(model.parameters(), decay=cfg.train.ema_decay, foreach=True) if stage == "diffusion" else None
+    ema = (EMAModel(model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup,
+                    power=2 / 3, foreach=True) if stage == "diffusion" else None)
     if ema is not None:
         ema.to(device=device, dtype=torch.float32)
 
@@ -171,7 +181,7 @@ def train(cfg: Config) -> None:
             if stage == "vae":
                 loss = _vae_loss(model, batch, cfg, micro_step, accelerator.process_index, model_dtype, device)
             else:
-                loss = _unet_loss(model, frozen_vae, noise_scheduler, batch, cfg, device)
+                loss = _unet_loss(model, frozen_vae, noise_scheduler, spec, batch, cfg, device)
             # One collective per micro-step: [any rank non-finite, any rank asked to stop], so all ranks agree.
             flags = accelerator.reduce(
                 torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, 1.0 if stop.requested else 0.0],
@@ -231,7 +241,7 @@ def train(cfg: Config) -> None:
         val_due = stepped and step % cfg.train.val_every == 0
         images_due = stepped and step % cfg.train.image_every == 0
         if (val_due or images_due) and val_urls:
-            _validate(accelerator, cfg, model=model, frozen_vae=frozen_vae, sampler=sampler, ema=ema,
+            _validate(accelerator, cfg, model=model, frozen_vae=frozen_vae, sampler=sampler, spec=spec, ema=ema,
                       val_urls=val_urls, step=step, model_dtype=model_dtype, log_metrics=val_due,
                       log_images=images_due)
             model.train()
@@ -251,7 +261,7 @@ def train(cfg: Config) -> None:
         logger.info(f"stopping at step {step} on {stopped_by}; resume with --train.resume=latest")
     elif step >= cfg.train.max_steps:
         _export(accelerator, cfg, run_dir, model=model, frozen_vae=frozen_vae, noise_scheduler=noise_scheduler,
-                ema=ema, train_stream=train_stream, step=step)
+                spec=spec, ema=ema, train_stream=train_stream, step=step)
     else:
         logger.info(f"stopped at step {step} of {cfg.train.max_steps} (train.steps_per_launch); resume with "
                     "--train.resume=latest")
@@ -278,15 +288,53 @@ def _vae_loss(vae, batch, cfg: Config, micro_step: int, rank: int, dtype, device
     return reconstruction_loss + cfg.train.kl_weight * kl
 
 
-def _unet_loss(unet, vae, noise_scheduler, batch, cfg: Config, device) -> torch.Tensor:
-    """Diffusion loss on thin latents conditioned on thick latents; the VAE is frozen and outside autograd."""
+def _unet_loss(unet, vae, noise_scheduler, spec: ResidualSpec, batch, cfg: Config, device) -> torch.Tensor:
+    """The residual objective (ctld.diffusion.residual_loss) on the posterior-mode thin latents around the prior
+    latents; the VAE is frozen and outside autograd."""
     vae_dtype = next(vae.parameters()).dtype
     with torch.no_grad():
-        latents = encode_latents(vae, batch["thin"].to(device, non_blocking=True).to(vae_dtype), sample_posterior=True)
-        cond_latents = encode_latents(vae, batch["thick"].to(device, non_blocking=True).to(vae_dtype))
+        target = encode_latents(vae, batch["thin"].to(device, non_blocking=True).to(vae_dtype))
+        prior = spec.prior_latents(vae, batch["thick"].to(device, non_blocking=True).to(vae_dtype))
     # The U-Net casts its input to its own weight dtype (DeepSpeed bf16 casts the model).
-    return diffusion_loss(unet, noise_scheduler, latents.float(), cond_latents.float(),
-                          min_snr_gamma=cfg.diffusion.min_snr_gamma)
+    return residual_loss(unet, noise_scheduler, target.float(), prior.float(), residual_scale=spec.residual_scale,
+                         strength=spec.strength, regression_fraction=cfg.diffusion.regression_fraction,
+                         min_snr_gamma=cfg.diffusion.min_snr_gamma)
+
+
+def _fit_slab_filter(cfg: Config) -> SlabFilter:
+    """The slab-aware linear baseline (ctld.baselines.SlabFilter), fitted in closed form on the first
+    `diffusion.slab_fit_volumes` training volumes; every rank fits the same filter from the same shards."""
+    urls = shard_urls(cfg.data, "train")
+    start = time.perf_counter()
+    limit = cfg.diffusion.slab_fit_volumes
+    pairs = ((thick, thin) for _, thick, thin in iter_covered_pairs(urls, cfg.data.factor, limit))
+    slab_filter = fit_slab_filter(pairs, cfg.data.factor, taps=cfg.diffusion.slab_taps)
+    logger.info(f"slab filter fitted on up to {cfg.diffusion.slab_fit_volumes} training volumes in "
+                f"{time.perf_counter() - start:.1f} s; taps per phase: {slab_filter.weights.round(3).tolist()}")
+    return slab_filter
+
+
+@torch.no_grad()
+def _estimate_residual_scale(accelerator: Accelerator, vae, spec: ResidualSpec, cfg: Config) -> float:
+    """1 / std of z_thin - z_prior over `train.scale_batches` batches per rank of a fixed-seed training stream,
+    so the diffusion sees a unit-variance residual (as the VAE's scaling_factor does for latents)."""
+    loader = make_patch_loader(shard_urls(cfg.data, "train"), cfg.data, rank=accelerator.process_index,
+                               world_size=accelerator.num_processes, seed=VAL_SEED + cfg.train.seed, resampled=True,
+                               num_workers=0, epoch=0)
+    dtype = next(vae.parameters()).dtype
+    device = accelerator.device
+    moments = torch.zeros(3, device=device, dtype=torch.float64)  # count, sum, sum of squares
+    for index, batch in enumerate(loader):
+        if index >= max(1, cfg.train.scale_batches):
+            break
+        target = encode_latents(vae, batch["thin"].to(device).to(dtype))
+        residual = (target - spec.prior_latents(vae, batch["thick"].to(device).to(dtype))).double()
+        moments += torch.stack([torch.tensor(residual.numel(), device=device, dtype=torch.float64), residual.sum(),
+                                residual.pow(2).sum()])
+    count, total, squares = accelerator.reduce(moments, reduction="sum").tolist()
+    std = math.sqrt(max(squares / count - (total / count) ** 2, 1e-12))
+    logger.info(f"residual latent std {std:.4g} around the {spec.prior} prior: residual_scale = {1 / std:.4g}")
+    return 1.0 / std
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,7 +402,7 @@ def _val_batches(urls: list[str], cfg: Config, accelerator: Accelerator) -> list
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _validate(accelerator: Accelerator, cfg: Config, *, model, frozen_vae, sampler, ema, val_urls: list[str],
+def _validate(accelerator: Accelerator, cfg: Config, *, model, frozen_vae, sampler, spec, ema, val_urls: list[str],
               step: int, model_dtype: torch.dtype, log_metrics: bool, log_images: bool) -> None:
     """Metrics (`val/...`) and/or image panels (`panels/...`) on the fixed validation patches; every rank runs
     its share (a collective under ZeRO-3), rank 0 writes the images."""
@@ -370,11 +418,11 @@ def _validate(accelerator: Accelerator, cfg: Config, *, model, frozen_vae, sampl
         else:
             with _ema_weights(accelerator, model, ema):
                 metrics, columns = validate_diffusion(
-                    model, frozen_vae, sampler, batches, hu_min=cfg.data.hu_min, hu_max=cfg.data.hu_max,
-                    factor=cfg.data.factor, num_inference_steps=cfg.diffusion.num_inference_steps,
+                    model, frozen_vae, sampler, spec, batches, hu_min=cfg.data.hu_min, hu_max=cfg.data.hu_max,
+                    num_inference_steps=cfg.diffusion.num_inference_steps,
                     seed=VAL_SEED + accelerator.process_index, device=accelerator.device)
-            depth_repeats = [cfg.data.factor, 1, 1, 1]
-            caption = "thick input | model (EMA) | cubic | target"
+            depth_repeats = [cfg.data.factor, 1, 1, 1, 1]
+            caption = "thick input | regression (EMA) | diffusion sample (EMA) | cubic | target"
     names = sorted(metrics)
     values = accelerator.reduce(torch.tensor([metrics[n] for n in names], device=accelerator.device), "mean")
     if log_metrics:
@@ -410,7 +458,7 @@ def _ema_weights(accelerator: Accelerator, model, ema: EMAModel):
             ema.restore(params)
 
 
-def _export(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, frozen_vae, noise_scheduler, ema,
+def _export(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, frozen_vae, noise_scheduler, spec, ema,
             train_stream: _TrainStream, step: int) -> None:
     """run_dir/export: what inference needs (VAE; for the diffusion stage also the EMA U-Net and scheduler)."""
     state_dict, scaling_factor = None, None
@@ -438,6 +486,8 @@ def _export(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, froz
         ema.copy_to(unet.parameters())  # the exported U-Net holds the EMA weights
         vae = AutoencoderKL3D(**frozen_vae.config)
         vae.load_state_dict({k: v.float() for k, v in frozen_vae.state_dict().items()})
+        meta.update(spec.to_meta())
+        meta["thick_profile"] = cfg.data.thick_profile
         save_export(run_dir / "export", vae=vae, unet=unet, scheduler=noise_scheduler, meta=meta)
     logger.info(f"exported {run_dir / 'export'}")
     accelerator.wait_for_everyone()
@@ -481,12 +531,23 @@ def _check_config(cfg: Config) -> None:
     t = cfg.train
     if t.stage == "diffusion" and not t.vae_export:
         raise ValueError("train.stage=diffusion needs train.vae_export=<the VAE run's export/ folder>")
-    for name in ("max_steps", "log_every", "val_every", "image_every", "checkpoint_every", "checkpoints_total_limit",
+    if t.max_steps < 0 or (t.max_steps == 0 and t.stage != "vae"):
+        raise ValueError(f"train.max_steps must be >= 1 (0 only for the VAE stage: export the VAE as initialised, "
+                         f"e.g. a zero_init_residual VAE that is already lossless), got {t.max_steps}")
+    for name in ("log_every", "val_every", "image_every", "checkpoint_every", "checkpoints_total_limit",
                  "gradient_accumulation_steps", "max_nonfinite_steps", "val_batches"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if not 0.0 <= t.thick_fraction <= 1.0:
         raise ValueError(f"train.thick_fraction must be in [0, 1], got {t.thick_fraction}")
+    d = cfg.diffusion
+    if not 0.0 < d.strength <= 1.0:
+        raise ValueError(f"diffusion.strength must be in (0, 1], got {d.strength}")
+    if not 0.0 <= d.regression_fraction <= 1.0:
+        raise ValueError(f"diffusion.regression_fraction must be in [0, 1], got {d.regression_fraction}")
+    if d.residual_scale < 0 or d.slab_taps < 1 or d.slab_taps % 2 == 0 or d.slab_fit_volumes < 1:
+        raise ValueError(f"need diffusion.residual_scale >= 0 (0 = measure), an odd slab_taps >= 1 and "
+                         f"slab_fit_volumes >= 1; got {d.residual_scale}, {d.slab_taps}, {d.slab_fit_volumes}")
     inplane = 2 ** (len(cfg.vae.channels) - 1)
     if cfg.data.patch_size % inplane:
         raise ValueError(f"data.patch_size={cfg.data.patch_size} must be a multiple of the VAE's in-plane factor "

@@ -16,7 +16,7 @@ import torch
 
 from ctld.baselines import interpolate_z
 from ctld.data.transforms import model_to_hu
-from ctld.diffusion import decode_latents, encode_latents, sample
+from ctld.diffusion import decode_latents, regress, sample
 from ctld.metrics import WINDOWS, psnr, ssim2d_mean
 
 
@@ -82,31 +82,32 @@ def validate_diffusion(
     unet: torch.nn.Module,
     vae: torch.nn.Module,
     sampler,
+    spec,
     batches: Iterable[dict],
     *,
     hu_min: float,
     hu_max: float,
-    factor: int,
     num_inference_steps: int,
     seed: int,
     device: torch.device,
 ) -> tuple[dict[str, float], list[np.ndarray]]:
-    """Sample thin patches from thick ones and score them next to cubic interpolation of the same thick patch.
+    """Regression output and one diffusion sample from thick patches, scored next to cubic interpolation and the
+    slab filter of the same thick patch (the baselines ctld-eval reports).
 
     Args:
         unet: the (prepared) U-Net, holding the weights to judge (the trainer swaps in the EMA weights).
         vae: the frozen VAE (eval, on `device`, in its own dtype).
-        sampler: a diffusers scheduler from `ctld.diffusion.build_sampler` (DDIM/DPM at few steps).
+        sampler: a diffusers scheduler from `ctld.diffusion.build_sampler`.
+        spec: the `ctld.diffusion.ResidualSpec` (prior, slab filter, residual scale, strength).
         batches: loader batches {"thick": (B, 1, Dk, P, P), "thin": (B, 1, Dk*factor, P, P)} in [-1, 1].
         hu_min, hu_max: the intensity mapping of the data.
-        factor: thin slices per thick slice.
-        num_inference_steps: sampler steps.
+        num_inference_steps: sampler steps of the diffusion sample.
         seed: seeds the sampling noise, so successive validations differ only by the weights.
         device: where the models run.
 
     Returns:
-        ({"model_psnr_soft_tissue": ..., "cubic_psnr_soft_tissue": ..., ...}, panel columns for the first
-        sample: [thick, model, cubic, target] as HU arrays).
+        ({"regression_psnr_soft_tissue": ..., "diffusion_...", "cubic_...", "slab_...": ...}, panel columns for the
+        first sample: [thick, regression, diffusion, cubic, target] as HU arrays).
     """
     vae_dtype = next(vae.parameters()).dtype
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -115,15 +116,23 @@ def validate_diffusion(
     for batch in batches:
         thick = batch["thick"].to(device, non_blocking=True)
         thin = batch["thin"].to(device, non_blocking=True)
-        cond_latents = encode_latents(vae, thick.to(vae_dtype))
-        latents = sample(unet, sampler, cond_latents, num_inference_steps=num_inference_steps, generator=generator,
-                         thin_depth=thin.shape[2])
-        model_hu = model_to_hu(decode_latents(vae, latents.to(vae_dtype)).float(), hu_min, hu_max)
+        prior = spec.prior_latents(vae, thick.to(vae_dtype))
+        outputs = {
+            "regression": regress(unet, prior, residual_scale=spec.residual_scale,
+                                  num_train_timesteps=spec.num_train_timesteps),
+            "diffusion": sample(unet, sampler, prior, residual_scale=spec.residual_scale, strength=spec.strength,
+                                num_inference_steps=num_inference_steps, generator=generator),
+        }
+        decoded = {name: model_to_hu(decode_latents(vae, latents.to(vae_dtype)).float(), hu_min, hu_max)
+                   for name, latents in outputs.items()}
         thick_hu = model_to_hu(thick, hu_min, hu_max)
-        cubic_hu = interpolate_z(thick_hu, factor, "cubic")  # same slice geometry as ctld-eval's baseline
+        decoded["cubic"] = interpolate_z(thick_hu, spec.factor, "cubic")  # same slice geometry as ctld-eval
+        if spec.slab_filter is not None:
+            decoded["slab"] = spec.slab_filter.apply(thick_hu)
         target_hu = model_to_hu(thin, hu_min, hu_max)
-        _add_metrics(sums, "model_", model_hu, target_hu)
-        _add_metrics(sums, "cubic_", cubic_hu, target_hu)
+        for name, pred in decoded.items():
+            _add_metrics(sums, f"{name}_", pred, target_hu)
         if not columns:
-            columns = [t[0, 0].cpu().numpy() for t in (thick_hu, model_hu, cubic_hu, target_hu)]
+            columns = [t[0, 0].cpu().numpy() for t in (thick_hu, decoded["regression"], decoded["diffusion"],
+                                                        decoded["cubic"], target_hu)]
     return _means(sums), columns

@@ -178,7 +178,10 @@ def infer_tiny_export(tmp_path_factory) -> Path:
     4 thick slices and 16x16 pixels; ctld.json says the model makes 1.5 mm slices (the chest CT's spacing)."""
     from dataclasses import asdict
 
-    from ctld.diffusion import build_train_scheduler
+    import numpy as np
+
+    from ctld.baselines import SlabFilter
+    from ctld.diffusion import ResidualSpec, build_train_scheduler
     from ctld.export import save_export
     from ctld.models.unet import UNet3D
     from ctld.models.vae import AutoencoderKL3D
@@ -187,8 +190,15 @@ def infer_tiny_export(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     vae = AutoencoderKL3D(**asdict(cfg.vae))
     unet = UNet3D(latent_channels=cfg.vae.latent_channels, factor=5, **asdict(cfg.unet))
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.05)  # a non-zero residual, as after training
+    # The slab filter of a box profile's deconvolution, roughly what a fit on slab averages finds.
+    slab = SlabFilter(np.array([[-0.11, 0.45, 0.82, -0.25, 0.09], [-0.04, 0.12, 1.09, -0.23, 0.06],
+                                [0.01, -0.11, 1.2, -0.11, 0.01], [0.06, -0.23, 1.09, 0.12, -0.04],
+                                [0.09, -0.25, 0.82, 0.45, -0.11]]))
+    spec = ResidualSpec(prior="encode_slab", factor=5, residual_scale=5.0, strength=0.5,
+                        num_train_timesteps=cfg.diffusion.num_train_timesteps, slab_filter=slab)
     meta = {"factor": 5, "hu_min": cfg.data.hu_min, "hu_max": cfg.data.hu_max, "depth_thick": 4,
-            "patch_size": cfg.data.patch_size, "thin_spacing_mm": 1.5}
+            "patch_size": cfg.data.patch_size, "thin_spacing_mm": 1.5, **spec.to_meta()}
     out = tmp_path_factory.mktemp("infer_export") / "export"
     return save_export(out, vae=vae, unet=unet, scheduler=build_train_scheduler(cfg.diffusion), meta=meta)
 

@@ -18,7 +18,7 @@ TINY = (
     "--n_studies 3 --num_slices 40 --size 48 --vae_steps 2 --diffusion_steps 2 --data.patch_size=32 "
     "--data.num_workers=0 --data.patches_per_volume=2 --train.val_every=2 --train.image_every=2 "
     "--train.checkpoint_every=2 --train.scale_batches=1 --train.log_every=1 --infer.num_inference_steps=2 "
-    "--infer.batch_size=4"
+    "--infer.batch_size=4 --infer.num_samples=1"
 ).split()
 
 
@@ -73,7 +73,7 @@ def test_demo_artifacts_read_back(demo_run):
 
     # ctld-eval: metrics for ctld and the three baselines, a report and panels.
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert {"nearest", "linear", "cubic", "ctld"} <= set(metrics["mean"])
+    assert {"nearest", "linear", "cubic", "slab_filter", "ctld_regression", "ctld_diffusion"} <= set(metrics["mean"])
     for row in metrics["mean"].values():
         assert np.isfinite(row["psnr_soft_tissue"]) and np.isfinite(row["mae_hu"])
     assert (out / "report" / "report.md").read_text().startswith("# ctld-eval")

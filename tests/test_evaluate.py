@@ -51,7 +51,7 @@ def test_windowed_cubic_reproduces_the_cubic_baseline(tmp_path, thin_nifti):
     report = (tmp_path / "report.md").read_text()
     assert "| windowed_cubic |" in report and f"]({doc['cases'][0]['panel']})" in report
     with Image.open(tmp_path / doc["cases"][0]["panel"]) as panel:
-        assert panel.width == 6 * 256  # thick | nearest | cubic | model | target | |error|
+        assert panel.width == 5 * 256  # thick | cubic | model | target | |error| (no export: no slab filter)
 
 
 def test_real_pair_is_aligned_and_no_identifiers_leak(tmp_path, synthetic_dicom):
@@ -89,12 +89,15 @@ def test_bad_invocations_fail_clearly(tmp_path, thin_nifti, capsys):
 
 
 def test_ctld_and_vae_ceiling_on_real_chest_ct(tmp_path, chest_ct_crop, infer_tiny_export):
-    """A tiny random model on the real chest CT: ctld and the three baselines are scored, panels are written;
-    --vae reports the encode->decode ceiling on thin and thick inputs."""
+    """A tiny random model on the real chest CT: both ctld modes, the three interpolations and the export's slab
+    filter are scored in both protocols, panels are written; --vae reports the encode->decode ceiling on thin and
+    thick inputs."""
     write_nifti(chest_ct_crop, tmp_path / "chest.nii.gz")
     doc = _run([str(tmp_path / "chest.nii.gz"), "--checkpoint", str(infer_tiny_export), "--steps", "2",
                 "--batch_size", "8", "--no_progress"], tmp_path / "ctld")
-    assert set(doc["mean"]) == {"nearest", "linear", "cubic", "ctld"}
+    assert set(doc["mean"]) == {"nearest", "linear", "cubic", "slab_filter", "ctld_regression", "ctld_diffusion"}
+    assert {"rplhr_psnr", "rplhr_ssim", "psnr_wide"} <= set(doc["mean"]["slab_filter"])
+    assert "| slab_filter |" in (tmp_path / "ctld" / "report.md").read_text()
     assert doc["settings"]["num_inference_steps"] == 2 and doc["settings"]["factor"] == 5
     for values in doc["mean"].values():
         assert all(np.isfinite(v) for v in values.values())

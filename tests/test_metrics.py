@@ -58,3 +58,23 @@ def test_shape_mismatch_and_tiny_slices_are_refused():
         psnr(np.zeros((2, 8, 8)), np.zeros((2, 8, 9)), WINDOWS["wide"])
     with pytest.raises(ValueError, match="7x7"):
         ssim2d_mean(np.zeros((2, 5, 5)), np.zeros((2, 5, 5)), WINDOWS["wide"])
+
+
+def test_rplhr_protocol():
+    """RPLHR-CT: [-1024, 2048] HU -> [0, 1], end slices trimmed, PSNR with MAX 1, SSIM per axial slice with the
+    11x11 Gaussian window (sigma 1.5) of Wang et al."""
+    from ctld.metrics import RPLHR_TRIM_SLICES, rplhr_metrics
+
+    target = _volume(shape=(20, 24, 24)).astype(np.float64)
+    pred = target + np.random.default_rng(5).normal(scale=30.0, size=target.shape)
+    pred[:RPLHR_TRIM_SLICES] += 3000.0  # trimmed: must not count
+    out = rplhr_metrics(pred, target)
+    keep = slice(RPLHR_TRIM_SLICES, -RPLHR_TRIM_SLICES)
+    unit_p = np.clip((pred[keep] + 1024) / 3072, 0, 1)
+    unit_t = np.clip((target[keep] + 1024) / 3072, 0, 1)
+    assert out["rplhr_psnr"] == pytest.approx(10 * np.log10(1 / np.mean((unit_p - unit_t) ** 2)))
+    expected = np.mean([structural_similarity(p, t, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                              use_sample_covariance=False) for p, t in zip(unit_p, unit_t)])
+    assert out["rplhr_ssim"] == pytest.approx(expected)
+    assert rplhr_metrics(target, target)["rplhr_psnr"] == PSNR_CAP_DB
+    assert set(all_metrics(pred, target, rplhr=True)) >= {"rplhr_psnr", "rplhr_ssim", "psnr_wide"}

@@ -22,6 +22,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _unet(**kwargs) -> UNet3D:
+    """A UNet3D whose output layer is random: a fresh one outputs exactly zero (its residual starts at zero)."""
+    unet = UNet3D(**kwargs)
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.05)
+    return unet
+
+
 @pytest.mark.parametrize(
     ("channels", "depth", "height", "width"),
     [((4, 4), 1, 16, 16), ((4, 4), 5, 8, 12), ((4, 4, 4), 7, 16, 8), ((4, 4, 4, 4), 3, 16, 24)],
@@ -94,8 +101,8 @@ def test_vae_gradients_reach_every_parameter():
 
 
 def test_unet_gradients_reach_every_parameter():
-    unet = UNet3D(latent_channels=2, factor=3, **TINY_UNET)
-    out = unet(torch.randn(2, 2, 6, 4, 4), torch.tensor([3, 700]), torch.randn(2, 2, 2, 4, 4))
+    unet = _unet(latent_channels=2, factor=3, **TINY_UNET)
+    out = unet(torch.randn(2, 2, 6, 4, 4), torch.tensor([3, 700]), torch.randn(2, 2, 6, 4, 4))
     out.square().mean().backward()
     _assert_all_grads(unet)
 
@@ -109,8 +116,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_name):
         def loss_fn():
             return model(x, sample_posterior=False)[0].square().mean()
     else:
-        model = UNet3D(latent_channels=2, factor=2, **TINY_UNET)
-        args = (torch.randn(1, 2, 4, 4, 4), torch.tensor([5]), torch.randn(1, 2, 2, 4, 4))
+        model = _unet(latent_channels=2, factor=2, **TINY_UNET)
+        args = (torch.randn(1, 2, 4, 4, 4), torch.tensor([5]), torch.randn(1, 2, 4, 4, 4))
 
         def loss_fn():
             return model(*args).square().mean()
@@ -153,22 +160,31 @@ def test_tiny_vae_overfits_one_patch():
 )
 def test_unet_shapes_any_size(factor, d_thick, h, w):
     """Sizes that are not multiples of the strides are padded inside and cropped back."""
-    unet = UNet3D(latent_channels=3, factor=factor, **{**TINY_UNET, "channels": (8, 8, 16),
-                                                        "depth_downsample": (True, False),
-                                                        "attention_levels": (False, True, True)})
+    unet = _unet(latent_channels=3, factor=factor, **{**TINY_UNET, "channels": (8, 8, 16),
+                                                      "depth_downsample": (True, False),
+                                                      "attention_levels": (False, True, True)})
     noisy = torch.randn(2, 3, d_thick * factor, h, w)
-    out = unet(noisy, torch.tensor([1, 999]), torch.randn(2, 3, d_thick, h, w))
+    out = unet(noisy, torch.tensor([1, 999]), torch.randn_like(noisy))
     assert out.shape == noisy.shape
     assert torch.isfinite(out).all()
-    assert unet(noisy, 10, torch.randn(2, 3, d_thick, h, w)).shape == noisy.shape  # scalar timestep
+    assert unet(noisy, 10, torch.randn_like(noisy)).shape == noisy.shape  # scalar timestep
 
 
-def test_unet_uses_the_condition_and_the_timestep():
+def test_unet_uses_the_prior_the_timestep_and_the_phase():
+    unet = _unet(latent_channels=2, factor=2, **TINY_UNET).eval()
+    noisy, prior = torch.randn(1, 2, 4, 4, 4), torch.randn(1, 2, 4, 4, 4)
+    out = unet(noisy, torch.tensor([10]), prior)
+    assert not torch.allclose(out, unet(noisy, torch.tensor([10]), torch.randn_like(prior)))
+    assert not torch.allclose(out, unet(noisy, torch.tensor([900]), prior))
+    # A constant input differs between the two phases of each slab only through the phase channels.
+    flat = unet(torch.zeros(1, 2, 4, 4, 4), torch.tensor([10]), torch.zeros(1, 2, 4, 4, 4))
+    assert not torch.allclose(flat[:, :, 1], flat[:, :, 2])
+
+
+def test_fresh_unet_predicts_a_zero_residual():
     unet = UNet3D(latent_channels=2, factor=2, **TINY_UNET).eval()
-    noisy, cond = torch.randn(1, 2, 4, 4, 4), torch.randn(1, 2, 2, 4, 4)
-    out = unet(noisy, torch.tensor([10]), cond)
-    assert not torch.allclose(out, unet(noisy, torch.tensor([10]), torch.randn_like(cond)))
-    assert not torch.allclose(out, unet(noisy, torch.tensor([900]), cond))
+    out = unet(torch.randn(1, 2, 4, 4, 4), torch.tensor([1000]), torch.randn(1, 2, 4, 4, 4))
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 @pytest.mark.parametrize(
@@ -188,14 +204,14 @@ def test_unet_bad_config_raises(kwargs, match):
 
 def test_unet_bad_shapes_raise():
     unet = UNet3D(latent_channels=2, factor=5, **TINY_UNET)
-    with pytest.raises(ValueError, match=r"thin latent depth 12 must equal thick latent depth 2 x factor 5 = 10"):
-        unet(torch.randn(1, 2, 12, 4, 4), torch.tensor([1]), torch.randn(1, 2, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"thin latent depth 12 must be a multiple of factor 5"):
+        unet(torch.randn(1, 2, 12, 4, 4), torch.tensor([1]), torch.randn(1, 2, 12, 4, 4))
     with pytest.raises(ValueError, match="latent_channels=2"):
-        unet(torch.randn(1, 3, 10, 4, 4), torch.tensor([1]), torch.randn(1, 3, 2, 4, 4))
-    with pytest.raises(ValueError, match="in-plane size"):
-        unet(torch.randn(1, 2, 10, 4, 4), torch.tensor([1]), torch.randn(1, 2, 2, 4, 6))
+        unet(torch.randn(1, 3, 10, 4, 4), torch.tensor([1]), torch.randn(1, 3, 10, 4, 4))
+    with pytest.raises(ValueError, match="must have the shape of noisy_latents"):
+        unet(torch.randn(1, 2, 10, 4, 4), torch.tensor([1]), torch.randn(1, 2, 10, 4, 6))
     with pytest.raises(ValueError, match="timesteps"):
-        unet(torch.randn(2, 2, 10, 4, 4), torch.tensor([1, 2, 3]), torch.randn(2, 2, 2, 4, 4))
+        unet(torch.randn(2, 2, 10, 4, 4), torch.tensor([1, 2, 3]), torch.randn(2, 2, 10, 4, 4))
 
 
 def test_attention_block_matches_explicit_softmax_attention():
@@ -219,9 +235,9 @@ def test_timestep_embedding_distinguishes_timesteps():
 def test_bf16_autocast_matches_fp32_on_cpu():
     """bf16 autocast output agrees with fp32 to 3% relative L2 error (bf16 has an 8-bit mantissa, ~0.4% per op)."""
     vae = AutoencoderKL3D(**TINY_VAE).eval()
-    unet = UNet3D(latent_channels=4, factor=2, **TINY_UNET).eval()
+    unet = _unet(latent_channels=4, factor=2, **TINY_UNET).eval()
     x = torch.randn(1, 1, 2, 8, 8)
-    noisy, cond = torch.randn(1, 4, 4, 4, 4), torch.randn(1, 4, 2, 4, 4)
+    noisy, cond = torch.randn(1, 4, 4, 4, 4), torch.randn(1, 4, 4, 4, 4)
     with torch.no_grad():
         ref_recon, _ = vae(x, sample_posterior=False)
         ref_out = unet(noisy, torch.tensor([50]), cond)
@@ -235,8 +251,8 @@ def test_bf16_autocast_matches_fp32_on_cpu():
 
 
 def test_channels_last_3d_gives_the_same_output():
-    unet = UNet3D(latent_channels=2, factor=2, **TINY_UNET).eval()
-    noisy, cond = torch.randn(1, 2, 4, 4, 4), torch.randn(1, 2, 2, 4, 4)
+    unet = _unet(latent_channels=2, factor=2, **TINY_UNET).eval()
+    noisy, cond = torch.randn(1, 2, 4, 4, 4), torch.randn(1, 2, 4, 4, 4)
     with torch.no_grad():
         ref = unet(noisy, torch.tensor([5]), cond)
         unet = unet.to(memory_format=torch.channels_last_3d)
@@ -269,10 +285,10 @@ def test_cuda_bf16_channels_last_matches_fp32():
     """On a GPU: bf16 autocast + channels_last_3d agrees with fp32 to 3% relative L2 error, and trains."""
     device = torch.device("cuda")
     vae = AutoencoderKL3D(channels=(16, 32, 32), latent_channels=4, norm_num_groups=8, mid_attention=True).to(device)
-    unet = UNet3D(latent_channels=4, factor=5, channels=(32, 64), num_res_blocks=1, depth_downsample=(True,),
-                  attention_levels=(False, True), norm_num_groups=8, attention_head_dim=32).to(device)
+    unet = _unet(latent_channels=4, factor=5, channels=(32, 64), num_res_blocks=1, depth_downsample=(True,),
+                 attention_levels=(False, True), norm_num_groups=8, attention_head_dim=32).to(device)
     x = torch.rand(2, 1, 10, 32, 32, device=device) * 2 - 1
-    noisy, cond = torch.randn(2, 4, 10, 8, 8, device=device), torch.randn(2, 4, 2, 8, 8, device=device)
+    noisy, cond = torch.randn(2, 4, 10, 8, 8, device=device), torch.randn(2, 4, 10, 8, 8, device=device)
     with torch.no_grad():
         ref_recon, _ = vae.eval()(x, sample_posterior=False)
         ref_out = unet.eval()(noisy, torch.tensor([50, 500], device=device), cond)
@@ -293,7 +309,7 @@ def test_cuda_bf16_channels_last_matches_fp32():
 
 @pytest.mark.parametrize(
     ("preset", "vae_params", "unet_params"),
-    [("tiny", 9_521, 46_316), ("base", 8_756_977, 39_666_632), ("large", 51_745_489, 159_835_528)],
+    [("tiny", 9_521, 47_396), ("base", 8_756_977, 39_675_272), ("large", 51_745_489, 159_852_808)],
 )
 def test_presets_build_with_the_parameter_counts_in_their_comments(repo_root, preset, vae_params, unet_params):
     """configs/{tiny,base,large}.yaml state these counts; update both when an architecture changes."""

@@ -33,8 +33,8 @@ LAUNCH_TIMEOUT_S = 600
 TRAIN_SCALARS = {"train/loss", "lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_fraction"}
 VAE_VAL_SCALARS = {f"val/{kind}_{metric}_{window}" for kind in ("thin", "thick") for metric in ("psnr", "ssim")
                    for window in ("soft_tissue", "wide")}
-DIFFUSION_VAL_SCALARS = {f"val/{kind}_{metric}_{window}" for kind in ("model", "cubic") for metric in ("psnr", "ssim")
-                         for window in ("soft_tissue", "wide")}
+DIFFUSION_VAL_SCALARS = {f"val/{kind}_{metric}_{window}" for kind in ("regression", "diffusion", "cubic", "slab")
+                         for metric in ("psnr", "ssim") for window in ("soft_tissue", "wide")}
 PANELS = {"panels/soft_tissue", "panels/wide"}
 
 
@@ -135,6 +135,12 @@ def _check_finished_run(run_dir: Path, stage: str, steps: int) -> None:
     loaded = load_export(export)
     assert loaded.meta["factor"] == 5 and loaded.meta["depth_thick"] == 2 and loaded.meta["patch_size"] == 16
     assert (loaded.unet is not None) == (stage == "diffusion")
+    if stage == "diffusion":  # the residual model and the slab filter fitted on the training split travel with it
+        from ctld.diffusion import ResidualSpec
+
+        spec = ResidualSpec.from_meta(loaded.meta)
+        assert spec.residual_scale > 0 and spec.slab_filter is not None and spec.slab_filter.factor == 5
+        assert np.allclose(spec.slab_filter.weights.sum(axis=1), 1.0)
     for name, tensor in loaded.vae.state_dict().items():
         assert torch.isfinite(tensor).all(), f"exported VAE tensor {name} is not finite"
 
@@ -169,7 +175,8 @@ def test_ddp_two_processes(stage, tmp_path, shards_dir_overrides, request):
     assert all(np.isfinite(e.value) for e in events.Scalars("train/loss"))
     assert PANELS <= set(events.Tags()["images"])
     panel = events.Images("panels/soft_tissue")[-1]
-    assert panel.step == 4 and panel.width == 4 * 16 + 3 * 2 and panel.height == 16 + 2 + 2 * 5
+    columns = 4 if stage == "vae" else 5  # thick | regression | diffusion | cubic | target for the U-Net
+    assert panel.step == 4 and panel.width == columns * 16 + (columns - 1) * 2 and panel.height == 16 + 2 + 2 * 5
     if stage == "diffusion":
         psnr_cubic = events.Scalars("val/cubic_psnr_soft_tissue")[-1].value
         assert 5.0 < psnr_cubic < 100.0  # cubic of the synthetic phantom: a real number, not a cap or a NaN
@@ -246,8 +253,8 @@ def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path, data_overrides, 
     straight_ema = load_file(str(straight / "ema.safetensors"))
     assert any(not torch.equal(v, final_v) for v, final_v in zip(straight_ema.values(), final.values()))
     # Same validation numbers at step 6 from both runs: validation saw the same weights and patches.
-    a = _tensorboard(tmp_path / "straight").Scalars("val/model_psnr_soft_tissue")[-1]
-    b = _tensorboard(tmp_path / "split").Scalars("val/model_psnr_soft_tissue")[-1]
+    a = _tensorboard(tmp_path / "straight").Scalars("val/regression_psnr_soft_tissue")[-1]
+    b = _tensorboard(tmp_path / "split").Scalars("val/regression_psnr_soft_tissue")[-1]
     assert a.step == b.step == 6 and a.value == pytest.approx(b.value, abs=1e-6)
 
 

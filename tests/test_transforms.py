@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from ctld.data.transforms import hu_to_int16, hu_to_model, model_to_hu, simulate_thick, window_to_unit
+from ctld.data.transforms import (
+    hu_to_int16,
+    hu_to_model,
+    model_to_hu,
+    simulate_thick,
+    slice_profile_weights,
+    window_to_unit,
+)
 
 
 def test_intensity_inverse_is_exact_for_integer_hu():
@@ -40,3 +47,33 @@ def test_simulate_thick_is_slab_mean():
     np.testing.assert_array_equal(thick[1], np.rint(thin[5:10].mean(axis=0)).astype(np.int16))
     with pytest.raises(ValueError, match="at least factor"):
         simulate_thick(thin[:3], 5)
+
+
+@pytest.mark.parametrize("profile", ["box", "gaussian", "triangle"])
+def test_thick_profiles_keep_mean_hu(profile):
+    """Weights sum to 1 with FWHM = one slab; a constant keeps its HU, and a smooth volume keeps its mean HU
+    (away from the ends, where the profile is cut)."""
+    positions, weights = slice_profile_weights(5, profile)
+    assert weights.sum() == pytest.approx(1.0)
+    assert np.average(positions, weights=weights) == pytest.approx(2.0)  # centred on the slab's middle slice
+    constant = np.full((20, 3, 3), -37, dtype=np.int16)
+    np.testing.assert_array_equal(simulate_thick(constant, 5, profile), -37)
+    z = np.arange(200, dtype=np.float64)
+    smooth = (300.0 * np.sin(z / 15.0) + 40.0)[:, None, None] * np.ones((1, 2, 2))
+    thick = simulate_thick(smooth, 5, profile)
+    assert thick.shape == (40, 2, 2)
+    assert thick[2:-2].mean() == pytest.approx(smooth[10:-10].mean(), abs=3.0)
+
+
+def test_thick_profiles_differ_in_width():
+    """A single bright thin slice at the edge of a slab: box counts it in its own slab only; gaussian and triangle
+    (FWHM = 5 thin slices) also reach the neighbouring thick slice, as a scanner's slice sensitivity profile does."""
+    thin = np.zeros((25, 1, 1))
+    thin[10] = 1000.0  # the first thin slice of thick slice 2
+    box = simulate_thick(thin, 5, "box")[:, 0, 0]
+    np.testing.assert_allclose(box, [0, 0, 200, 0, 0])
+    for profile in ("gaussian", "triangle"):
+        wide = simulate_thick(thin, 5, profile)[:, 0, 0]
+        assert wide[2] < 200 and wide[1] > 0 and wide[3] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="unknown thick slice profile"):
+        simulate_thick(thin, 5, "lorentz")

@@ -257,6 +257,7 @@ class Builder:
             "salt_check": dicom.anon_id("plan", self.salt, "salt-check"),
             "shards": asdict(self.cfg.shards) | {"salt": "", "num_workers": 0},
             "factor": self.cfg.data.factor,
+            "thick_profile": self.cfg.data.thick_profile,
             "plan": [
                 [s.name]
                 + [
@@ -278,9 +279,9 @@ class Builder:
 # ----------------------------------------------------------------------------------------------- workers
 
 
-def _build_job(args: tuple[Job, int, str, float, float, float]) -> dict:
+def _build_job(args: tuple[Job, int, str, float, float, float, str]) -> dict:
     """Worker: decode one job into an encoded sample, or a skip record."""
-    job, factor, salt, thin_max_mm, thick_min_mm, inplane_spacing_mm = args
+    job, factor, salt, thin_max_mm, thick_min_mm, inplane_spacing_mm, thick_profile = args
     try:
         if job.kind == "dicom":
             thin = dicom.load_series(job.thin_plan)
@@ -311,7 +312,8 @@ def _build_job(args: tuple[Job, int, str, float, float, float]) -> dict:
             if thin.hu.shape[0] < factor:
                 raise dicom.SeriesSkipped("too_few_slices", f"{thin.hu.shape[0]} slices < factor {factor}")
         sample = make_sample(
-            thin, thick, alignment, factor=factor, split=job.split, inplane_spacing_mm=inplane_spacing_mm
+            thin, thick, alignment, factor=factor, split=job.split, inplane_spacing_mm=inplane_spacing_mm,
+            thick_profile=thick_profile,
         )
     except dicom.SeriesSkipped as error:
         files = len(job.thin_plan.slices) if job.thin_plan is not None else 1
@@ -322,10 +324,10 @@ def _build_job(args: tuple[Job, int, str, float, float, float]) -> dict:
 
 def _build_shard(task: tuple[Path, ShardPlan, tuple]) -> dict:
     """Worker: build every sample of one planned shard and write it (temp name, then rename); returns its record."""
-    out_dir, shard, (factor, salt, thin_max_mm, thick_min_mm, inplane_spacing_mm) = task
+    out_dir, shard, settings = task
     sink = _ShardSink(out_dir, shard)
     for job in shard.jobs:
-        result = _build_job((job, factor, salt, thin_max_mm, thick_min_mm, inplane_spacing_mm))
+        result = _build_job((job, *settings))
         if not result["ok"]:
             logger.warning(
                 "skipped series %s (%s): %s [first file: %s]",
@@ -525,6 +527,7 @@ def _build_in(sources, cfg: Config, out_dir: Path, builder: Builder, archive_ski
             cfg.shards.thin_max_spacing_mm,
             cfg.shards.thick_min_spacing_mm,
             cfg.shards.inplane_spacing_mm,
+            cfg.data.thick_profile,
         )
         tasks = [(out_dir, shard, settings) for shard in todo]
         # Workers write whole shards: shipping decoded volumes back to one writer process costs more than the
@@ -557,6 +560,7 @@ def _write_manifest(builder: Builder, shards, records, archive_skips, out_dir: P
     manifest = {
         "format_version": FORMAT_VERSION,
         "factor": cfg.data.factor,
+        "thick_profile": cfg.data.thick_profile,  # of the simulated thick series
         "shards": [{k: records[s.name][k] for k in ("name", "split", "samples", "bytes", "sha256")} for s in shards],
         "splits": split_summary,
         "samples": len(samples),

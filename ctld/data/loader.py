@@ -178,6 +178,28 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def iter_covered_pairs(urls: list[str], factor: int, max_samples: int = 0):
+    """(key, thick, thin) of each sample of `urls`, in order, cut to the thick slices whose whole thin slab exists
+    (`covered_pair`: thin row k*factor + i is phase i of thick slice k). For whole-volume statistics such as the
+    slab filter fit; a sample of another factor is an error (the shards do not fit the model)."""
+    seen = 0
+    for url in urls:
+        stream = wds.gopen(url, bufsize=_READ_BUFSIZE)  # local path, pipe: command or http(s) URL
+        try:
+            for raw in group_by_keys(iter_tar_members(stream, url), handler=reraise_exception):
+                sample = decode_sample(raw)
+                if sample["factor"] != factor:
+                    raise ValueError(f"sample {sample['__key__']!r} in {url} has factor {sample['factor']}, the model "
+                                     f"{factor}")
+                thick, thin = covered_pair(sample["thick"], sample["thin"], factor=factor, offset=sample["offset"])
+                yield sample["__key__"], thick, thin
+                seen += 1
+                if max_samples and seen >= max_samples:
+                    return
+        finally:
+            _close_quietly(stream)
+
+
 def _npy_view(data: bytes, name: str) -> np.ndarray:
     """An int16 (D, H, W) array over the bytes of a .npy file, without copying (np.load would copy)."""
     header = io.BytesIO(data)

@@ -167,6 +167,7 @@ def make_sample(
     factor: int,
     split: str,
     inplane_spacing_mm: float = 0.0,
+    thick_profile: str = "box",
 ) -> dict:
     """The shard sample (DESIGN.md, Shard sample) of a thin volume and its real or simulated thick partner.
 
@@ -183,12 +184,12 @@ def make_sample(
         offset, source = alignment.offset, "real"
         thick_meta = {k: v for k, v in thick.meta.items() if k in ("slice_thickness_mm", "kernel", "repairs")}
     else:
-        thick_hu = simulate_thick(thin.hu, factor)
+        thick_hu = simulate_thick(thin.hu, factor, thick_profile)
         dz = thin.spacing_mm[0]
         # Simulated thick slice k is centred on its thin slab (DESIGN.md, Geometry convention).
         thick_origin = np.asarray(thin.origin_mm) + (factor - 1) / 2 * dz * direction[:, 2]
         thick_spacing = (dz * factor, thin.spacing_mm[1], thin.spacing_mm[2])
-        offset, source, thick_meta = 0, "simulated", {}
+        offset, source, thick_meta = 0, "simulated", {"profile": thick_profile}
     thin_hu, thin_spacing = thin.hu, thin.spacing_mm
     if inplane_spacing_mm > 0:  # same resampling on both, so thick and thin stay on one in-plane grid
         thin_hu, thin_spacing = resample_inplane(thin_hu, thin_spacing, inplane_spacing_mm)

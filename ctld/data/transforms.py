@@ -42,18 +42,63 @@ def window_to_unit(hu: ArrayLike, lo: float, hi: float) -> ArrayLike:
     return np.clip((np.asarray(hu, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
 
 
-def simulate_thick(thin_hu: np.ndarray, factor: int) -> np.ndarray:
-    """Thick slice k = mean of thin slices [k*factor, (k+1)*factor); trailing thin slices that do not fill
-    a slab are left out. (D, H, W) -> (D // factor, H, W), rounded back to the input dtype."""
+THICK_PROFILES = ("box", "gaussian", "triangle")
+
+
+def slice_profile_weights(factor: int, profile: str = "box") -> np.ndarray:
+    """Weights of the thin slices around one thick slice centre, for offsets `-(n // 2) .. n // 2` thin slices
+    from the slab's first thin slice + (factor - 1) / 2 (the slab centre); they sum to 1.
+
+    box: the mean of the `factor` thin slices of the slab. gaussian / triangle: a slice sensitivity profile with
+    FWHM = the thick slice thickness (`factor` thin slices), as a scanner's reconstructed slice has; the gaussian is
+    cut at 3 sigma. Returned as (positions relative to the slab's first thin slice, weights)."""
+    if profile not in THICK_PROFILES:
+        raise ValueError(f"unknown thick slice profile {profile!r}; choose one of {list(THICK_PROFILES)}")
+    centre = (factor - 1) / 2.0
+    if profile == "box":
+        positions = np.arange(factor)
+        weights = np.ones(factor)
+    elif profile == "gaussian":
+        sigma = factor / (2.0 * np.sqrt(2.0 * np.log(2.0)))  # FWHM = factor thin slices
+        reach = int(np.ceil(3.0 * sigma + centre))
+        positions = np.arange(-reach, reach + 1)
+        weights = np.exp(-0.5 * ((positions - centre) / sigma) ** 2)
+        keep = np.abs(positions - centre) <= 3.0 * sigma
+        positions, weights = positions[keep], weights[keep]
+    else:  # triangle: zero at +-factor from the centre, 1/2 at +-factor/2
+        reach = int(np.ceil(factor + centre))
+        positions = np.arange(-reach, reach + 1)
+        weights = np.maximum(0.0, 1.0 - np.abs(positions - centre) / factor)
+        keep = weights > 0
+        positions, weights = positions[keep], weights[keep]
+    return np.stack([positions.astype(np.float64), weights / weights.sum()])
+
+
+def simulate_thick(thin_hu: np.ndarray, factor: int, profile: str = "box") -> np.ndarray:
+    """Thick series from a thin one: thick slice k is centred on thin slices [k*factor, (k+1)*factor) and is the
+    profile-weighted average of the thin slices around that centre (`slice_profile_weights`; box = the slab mean).
+    Trailing thin slices that do not fill a slab are left out; at the volume ends the weights of the slices that
+    exist are renormalised, so every profile keeps mean HU. (D, H, W) -> (D // factor, H, W), rounded back to
+    the input dtype."""
     if factor < 1:
         raise ValueError(f"factor must be >= 1, got {factor}")
     depth = (thin_hu.shape[0] // factor) * factor
     if depth == 0:
         raise ValueError(f"need at least factor={factor} thin slices to make one thick slice, got {thin_hu.shape[0]}")
-    slabs = thin_hu[:depth].reshape(depth // factor, factor, *thin_hu.shape[1:])
-    if np.issubdtype(thin_hu.dtype, np.integer):
-        # Integer sums are exact, and converting only the sums (not the whole thin volume) to float is what
-        # keeps this cheap inside the shard builder.
-        sums = slabs.sum(axis=1, dtype=np.int64)
-        return np.rint(sums / factor).astype(thin_hu.dtype)
-    return slabs.mean(axis=1, dtype=np.float64).astype(thin_hu.dtype)
+    if profile == "box":
+        slabs = thin_hu[:depth].reshape(depth // factor, factor, *thin_hu.shape[1:])
+        if np.issubdtype(thin_hu.dtype, np.integer):
+            # Integer sums are exact, and converting only the sums (not the whole thin volume) to float is what
+            # keeps this cheap inside the shard builder.
+            sums = slabs.sum(axis=1, dtype=np.int64)
+            return np.rint(sums / factor).astype(thin_hu.dtype)
+        return slabs.mean(axis=1, dtype=np.float64).astype(thin_hu.dtype)
+    positions, weights = slice_profile_weights(factor, profile)
+    out = np.empty((depth // factor, *thin_hu.shape[1:]), dtype=thin_hu.dtype)
+    for k in range(depth // factor):
+        index = k * factor + positions.astype(int)
+        inside = (index >= 0) & (index < thin_hu.shape[0])
+        w = weights[inside] / weights[inside].sum()
+        slab = np.tensordot(w, thin_hu[index[inside]].astype(np.float64), axes=(0, 0))
+        out[k] = np.rint(slab) if np.issubdtype(thin_hu.dtype, np.integer) else slab
+    return out

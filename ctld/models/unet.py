@@ -1,15 +1,18 @@
-"""UNet3D: the denoiser over thin-slice latents, conditioned on the thick-slice latent.
+"""UNet3D: the residual denoiser over thin-slice latents, conditioned on the prior latent (ctld/diffusion.py).
 
-Input = noisy thin latent (B, C, D_thin, h, w) concatenated with the thick latent (B, C, D_thick, h, w) repeated
-`factor` times along depth (D_thin = D_thick * factor), so every thin latent slice sees the thick slice that
-covers it (DESIGN.md, thick/thin alignment). Each level transition halves h and w and, where
+Input = the noisy residual (B, C, D_thin, h, w), the prior latent (B, C, D_thin, h, w) (the thin latent estimated
+from the thick slices, e.g. the encoded slab-filter volume) and a one-hot of each thin slice's phase inside its
+thick slab (`factor` channels: the prior's error depends on where in the slab a slice sits, which convolutions
+cannot tell on their own). Windows start on slab boundaries (DESIGN.md, thick/thin alignment), so the phase of
+latent slice d is d % factor. The output layer starts at zero: an untrained model predicts a zero residual, i.e.
+returns its prior. Each level transition halves h and w and, where
 `depth_downsample` says so, depth too: the 40-slice latent of a 8 -> 40 patch becomes 20 and 10 slices deep,
 so the deep levels are cheap and attention (SDPA) at the lowest resolutions sees the whole patch.
 Any D_thin, h, w are accepted: the input is padded (replicate) to the multiple the strides need and the
 output is cropped back, so inference windows of any size work.
 
     unet = UNet3D(latent_channels=vae.latent_channels, factor=cfg.data.factor, **asdict(cfg.unet))
-    model_output = unet(noisy_latents, timesteps, cond_latents)
+    model_output = unet(noisy_residual, timesteps, prior_latents)
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ class UNet3D(nn.Module):
     """Conditional 3D U-Net over latents with anisotropic down/upsampling.
 
     Args:
-        latent_channels: C of the VAE latent; the input has 2C channels (noisy thin + upsampled thick).
-        factor: thin slices per thick slice (D_thin = D_thick * factor).
+        latent_channels: C of the VAE latent; the input has 2C + factor channels (noisy residual, prior, phase).
+        factor: thin slices per thick slice (the phase one-hot has this many channels).
         channels: feature channels per level.
         num_res_blocks: residual blocks per level on the way down (one more on the way up, as in diffusers).
         depth_downsample: one entry per level transition (len(channels) - 1): halve depth too?
@@ -153,7 +156,7 @@ class UNet3D(nn.Module):
 
         temb_channels = 4 * channels[0]
         self.time_embedding = TimestepEmbedding(base_dim=channels[0], embed_dim=temb_channels)
-        self.conv_in = nn.Conv3d(2 * latent_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = nn.Conv3d(2 * latent_channels + factor, channels[0], kernel_size=3, padding=1)
 
         head = attention_head_dim
         self.down_blocks = nn.ModuleList()
@@ -191,6 +194,9 @@ class UNet3D(nn.Module):
 
         self.norm_out = group_norm(prev, norm_num_groups)
         self.conv_out = nn.Conv3d(prev, latent_channels, kernel_size=3, padding=1)
+        # Zero residual at initialisation: an untrained model reproduces its prior (SRDiff, ResShift).
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = bool(enabled)
@@ -201,24 +207,23 @@ class UNet3D(nn.Module):
             return checkpoint(block, x, temb, use_reentrant=False)
         return block(x, temb)
 
-    def _check_inputs(self, noisy_latents, timesteps, cond_latents) -> torch.Tensor:
+    def _check_inputs(self, noisy_latents, timesteps, prior_latents) -> torch.Tensor:
         c = self.latent_channels
-        for name, t in (("noisy_latents", noisy_latents), ("cond_latents", cond_latents)):
+        for name, t in (("noisy_latents", noisy_latents), ("prior_latents", prior_latents)):
             if t.ndim != 5 or t.shape[1] != c:
                 raise ValueError(
                     f"UNet3D: {name} must be (B, {c}, D, h, w) (latent_channels={c}), got shape {tuple(t.shape)}"
                 )
-        b, _, d_thin, h, w = noisy_latents.shape
-        cb, _, d_thick, ch, cw = cond_latents.shape
-        if (cb, ch, cw) != (b, h, w):
+        if prior_latents.shape != noisy_latents.shape:
             raise ValueError(
-                f"UNet3D: cond_latents {tuple(cond_latents.shape)} must match noisy_latents "
-                f"{tuple(noisy_latents.shape)} in batch size and in-plane size"
+                f"UNet3D: prior_latents {tuple(prior_latents.shape)} must have the shape of noisy_latents "
+                f"{tuple(noisy_latents.shape)} (both on the thin grid)"
             )
-        if d_thin != d_thick * self.factor:
+        b, d_thin = noisy_latents.shape[0], noisy_latents.shape[2]
+        if d_thin % self.factor:
             raise ValueError(
-                f"UNet3D: thin latent depth {d_thin} must equal thick latent depth {d_thick} x factor {self.factor} "
-                f"= {d_thick * self.factor}; pair each thick slice with exactly factor thin slices"
+                f"UNet3D: thin latent depth {d_thin} must be a multiple of factor {self.factor}: windows hold whole "
+                "thick slabs"
             )
         timesteps = torch.as_tensor(timesteps, device=noisy_latents.device)
         if timesteps.ndim == 0:
@@ -227,19 +232,23 @@ class UNet3D(nn.Module):
             raise ValueError(f"UNet3D: timesteps must be a scalar or shape ({b},), got shape {tuple(timesteps.shape)}")
         return timesteps
 
-    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond_latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, prior_latents: torch.Tensor
+                ) -> torch.Tensor:
         """Args:
-            noisy_latents: (B, C, D_thin, h, w) noisy thin-slice latents.
-            timesteps: (B,) diffusion timesteps (or a scalar for the whole batch).
-            cond_latents: (B, C, D_thick, h, w) thick-slice latents, D_thin = D_thick * factor.
+            noisy_latents: (B, C, D_thin, h, w) noisy residual (zeros for regression).
+            timesteps: (B,) diffusion timesteps (or a scalar for the whole batch); `num_train_timesteps` marks the
+                regression task.
+            prior_latents: (B, C, D_thin, h, w) prior latents; D_thin a multiple of factor.
 
         Returns:
-            model_output: (B, C, D_thin, h, w), in the scheduler's prediction type.
+            model_output: (B, C, D_thin, h, w): the residual (regression), else the scheduler's prediction type.
         """
-        timesteps = self._check_inputs(noisy_latents, timesteps, cond_latents)
-        _, _, d, h, w = noisy_latents.shape
-        cond = cond_latents.repeat_interleave(self.factor, dim=2)  # (B, C, D_thin, h, w)
-        x = torch.cat([noisy_latents, cond.to(noisy_latents.dtype)], dim=1)  # (B, 2C, D_thin, h, w)
+        timesteps = self._check_inputs(noisy_latents, timesteps, prior_latents)
+        b, _, d, h, w = noisy_latents.shape
+        phase = torch.arange(d, device=noisy_latents.device) % self.factor
+        phase = F.one_hot(phase, self.factor).T.to(noisy_latents.dtype)  # (factor, D_thin)
+        phase = phase[None, :, :, None, None].expand(b, self.factor, d, h, w)
+        x = torch.cat([noisy_latents, prior_latents.to(noisy_latents.dtype), phase], dim=1)  # (B, 2C + f, D, h, w)
         pad_d = -d % self.depth_multiple
         pad_h = -h % self.inplane_multiple
         pad_w = -w % self.inplane_multiple

@@ -219,6 +219,7 @@ class AutoencoderKL3D(nn.Module):
         mid_attention: bool = False,
         scaling_factor: float = 1.0,
         gradient_checkpointing: bool = False,
+        zero_init_residual: bool = False,
     ):
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -247,6 +248,7 @@ class AutoencoderKL3D(nn.Module):
             "mid_attention": bool(mid_attention),
             "scaling_factor": float(scaling_factor),
             "gradient_checkpointing": bool(gradient_checkpointing),
+            "zero_init_residual": bool(zero_init_residual),
         }
         self.in_channels = in_channels
         self.latent_channels = latent_channels
@@ -259,6 +261,12 @@ class AutoencoderKL3D(nn.Module):
             self.encoder.conv_out.bias[latent_channels:].fill_(_LOGVAR_INIT)
         self.decoder = _Decoder(out_channels, channels, num_res_blocks, latent_channels, norm_num_groups,
                                 mid_attention)
+        if zero_init_residual:
+            with torch.no_grad():
+                self.encoder.conv_out.weight[:latent_channels].zero_()
+                self.encoder.conv_out.bias[:latent_channels].zero_()
+                self.decoder.conv_out.weight.zero_()
+                self.decoder.conv_out.bias.zero_()
         self.set_gradient_checkpointing(gradient_checkpointing)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:

@@ -119,7 +119,7 @@ class DiffusionConfig:
     num_inference_steps: int = 20
     # The residual model (ctld/diffusion.py): the prior it corrects, how far sampling starts from it, the share of
     # regression samples in each batch, and the residual's scale (0 = 1/std measured at the start of training).
-    prior: Literal["encode_slab", "encode_cubic", "latent_cubic"] = "encode_slab"
+    prior: Literal["encode_slab", "encode_cubic", "latent_cubic"] = "encode_cubic"  # see configs/demo.yaml
     strength: float = 0.5  # diffusion starts at the prior noised to this fraction of the schedule; trained below it
     regression_fraction: float = 0.5
     residual_scale: float = 0.0

@@ -209,14 +209,20 @@ def test_ctld_infer_end_to_end_on_real_chest_ct(tmp_path, chest_ct_crop, infer_t
     np.testing.assert_allclose(image.affine, ras, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(image.dataobj).transpose(2, 1, 0), dicom_hu)
 
-    # NIfTI in, NIfTI out, same seed: identical; another seed: different.
+    # NIfTI in, NIfTI out. Regression (the default mode) is deterministic: the seed does not matter. Diffusion:
+    # the same seed gives the same series, another seed another one.
     from ctld.data.nifti import write_nifti
 
+    def run(name, *extra):
+        assert main([str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / name), *args, *extra]) == 0
+        return np.asarray(nib.load(tmp_path / name).dataobj)
+
     write_nifti(thick, tmp_path / "thick.nii.gz")
-    assert main([str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "again.nii.gz"), *args]) == 0
-    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "again.nii.gz").dataobj), np.asarray(image.dataobj))
-    assert main([str(tmp_path / "thick.nii.gz"), "--out", str(tmp_path / "seed1.nii.gz"), "--seed", "1", *args]) == 0
-    assert not np.array_equal(np.asarray(nib.load(tmp_path / "seed1.nii.gz").dataobj), np.asarray(image.dataobj))
+    np.testing.assert_array_equal(run("again.nii.gz", "--seed", "1"), np.asarray(image.dataobj))
+    sampled = run("diffusion.nii.gz", "--mode", "diffusion")
+    np.testing.assert_array_equal(run("diffusion_again.nii.gz", "--mode", "diffusion"), sampled)
+    assert not np.array_equal(run("diffusion_seed1.nii.gz", "--mode", "diffusion", "--seed", "1"), sampled)
+    assert not np.array_equal(sampled, np.asarray(image.dataobj))
 
 
 def test_ctld_infer_refuses_a_thin_series(tmp_path, chest_ct_crop, infer_tiny_export, capsys):

@@ -193,7 +193,7 @@ def bench_shape(cfg, *, vae, unet_kwargs, device, depth_thick, factor, size, tra
     # U-Net forward + backward + optimizer step on latents.
     unet_opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
     z_thin, z_prior = latent(train_batch, d_thin), latent(train_batch, d_thin)
-    spec = ResidualSpec(prior="encode_cubic", factor=cfg.data.factor, residual_scale=5.0,
+    spec = ResidualSpec(prior="encode_cubic", factor=factor, residual_scale=5.0,
                         strength=cfg.diffusion.strength, num_train_timesteps=cfg.diffusion.num_train_timesteps)
     residual_kwargs = dict(residual_scale=spec.residual_scale, strength=spec.strength,
                            regression_fraction=cfg.diffusion.regression_fraction,

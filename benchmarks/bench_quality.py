@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "config": args.config,
         "overrides": overrides,
-        "training": {"stages": summary["stages"], "vae_steps": args.vae_steps or "ctld-demo default",
-                     "diffusion_steps": args.diffusion_steps or "ctld-demo default"},
+        "training": {"stages": summary["stages"],
+                     "vae_steps": "ctld-demo default" if args.vae_steps is None else args.vae_steps,
+                     "diffusion_steps": "ctld-demo default" if args.diffusion_steps is None else args.diffusion_steps},
         "held_out_phantom": {"mean": _rounded(summary["mean"]), "gains_db": _gains(summary["mean"])},
     }
     real = Path(args.real_ct)

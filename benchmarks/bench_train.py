@@ -101,11 +101,11 @@ def flops_per_step(cfg: Config, stage: str, device: torch.device) -> float:
         c = vae.latent_channels
         unet = UNet3D(latent_channels=c, factor=f, **asdict(cfg.unet)).to(device)
         noisy = torch.randn(b, c, dt * f, h, h, device=device)
-        cond = torch.randn(b, c, dt, h, h, device=device)
+        prior = torch.randn(b, c, dt * f, h, h, device=device)
         timesteps = torch.randint(0, 1000, (b,), device=device)
-        with torch.no_grad():
-            encode = count(lambda: (vae.encode(thin), vae.encode(thick)))
-        per_micro = encode + count(lambda: unet(noisy, timesteps, cond).float().pow(2).mean().backward())
+        with torch.no_grad():  # the thin target and the prior's thin-grid image (cubic of the thick patch)
+            encode = count(lambda: (vae.encode(thin), vae.encode(thin)))
+        per_micro = encode + count(lambda: unet(noisy, timesteps, prior).float().pow(2).mean().backward())
     return per_micro * cfg.train.gradient_accumulation_steps
 
 

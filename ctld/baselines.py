@@ -69,8 +69,9 @@ def apply_z_matrix(thick, matrix: np.ndarray):
     """thin = matrix @ thick along the slice axis: numpy (D, H, W) -> float32 (M, H, W); a tensor (..., D, H, W) ->
     (..., M, H, W) of the input's dtype and device."""
     if isinstance(thick, torch.Tensor):
-        weights = torch.from_numpy(np.asarray(matrix)).to(thick.device, thick.dtype)
-        return torch.einsum("md,...dhw->...mhw", weights, thick)
+        # In fp32 even for bf16 input: bf16 weights would no longer sum to 1 (mean HU drifts).
+        weights = torch.from_numpy(np.asarray(matrix)).to(thick.device, torch.float32)
+        return torch.einsum("md,...dhw->...mhw", weights, thick.float()).to(thick.dtype)
     thick = np.asarray(thick)
     if thick.ndim != 3:
         raise ValueError(f"z-interpolation needs a (D, H, W) volume, got shape {thick.shape}")

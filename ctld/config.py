@@ -120,7 +120,7 @@ class DiffusionConfig:
     # The residual model (ctld/diffusion.py): the prior it corrects, how far sampling starts from it, the share of
     # regression samples in each batch, and the residual's scale (0 = 1/std measured at the start of training).
     prior: Literal["encode_slab", "encode_cubic", "latent_cubic"] = "encode_cubic"  # see configs/demo.yaml
-    strength: float = 0.5  # diffusion starts at the prior noised to this fraction of the schedule; trained below it
+    strength: float = 0.5  # sampling starts from the one-pass estimate noised to this fraction of the schedule
     regression_fraction: float = 0.5
     residual_scale: float = 0.0
     slab_taps: int = 5  # slab filter taps over neighbouring thick slices (ctld.baselines.SlabFilter)

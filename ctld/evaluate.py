@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                      "cubic = Keys cubic convolution a=-0.5; slab_filter = the per-phase linear z-filter fitted in "
                      "closed form on the model's training split (stored in the export); edge slices replicated",
         "ctld": "ctld_regression = one pass of the residual model (the conditional mean); ctld_diffusion = the mean "
-                "of num_samples diffusion samples started from the noised prior",
+                "of num_samples diffusion samples started from the one-pass estimate noised to the strength",
         "scored_slices": "thin slices covered by the thick series (real pairs: where the thin series has them)",
     }
     doc = {"mode": mode, "protocol": protocol, "settings": settings, **result}

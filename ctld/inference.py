@@ -329,7 +329,8 @@ class CtldPredictor:
 
     Args:
         export: a loaded `ctld.export.Export` with a U-Net and a scheduler.
-        mode: "regression" (one pass: the conditional mean) or "diffusion" (samples from the noised prior).
+        mode: "regression" (one pass: the conditional mean) or "diffusion" (samples started from the prior plus the
+            one-pass residual estimate, noised to the export's strength).
         sampler: "ddim" | "dpm" | "ddpm" (built from the export's training scheduler config), diffusion mode.
         num_inference_steps: sampler steps per window below the export's strength, diffusion mode.
         num_samples: diffusion samples averaged per window (their mean is a lower-variance estimate).
@@ -556,7 +557,8 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML config whose `infer` section gives the defaults")
     parser.add_argument("--mode", choices=("regression", "diffusion"), default=None,
                         help="regression: one pass, the conditional mean (best PSNR, fastest); diffusion: samples "
-                             "from the noised prior, averaged over --num_samples")
+                             "started from the anchored one-pass estimate noised to the export's strength, "
+                             "averaged over --num_samples")
     parser.add_argument("--sampler", choices=("ddim", "dpm", "ddpm"), default=None, help="sampling scheduler")
     parser.add_argument("--steps", dest="num_inference_steps", type=int, default=None,
                         help="diffusion mode: denoising steps")

@@ -109,13 +109,12 @@ def train(cfg: Config) -> None:
         model = UNet3D(latent_channels=frozen_vae.latent_channels, factor=cfg.data.factor, **asdict(cfg.unet))
         noise_scheduler = build_train_scheduler(cfg.diffusion)
         sampler = build_sampler(cfg.diffusion.sampler, noise_scheduler.config)
-        # Both are pure functions of the shards and the seed, so a resumed run computes the same values.
+        # A closed-form fit on the first training volumes: every rank and every launch gets the same filter.
         slab_filter = _fit_slab_filter(cfg)
+        # residual_scale is set after resume: a resumed run keeps the checkpoint's value (below).
         spec = ResidualSpec(prior=cfg.diffusion.prior, factor=cfg.data.factor, residual_scale=1.0,
                             strength=cfg.diffusion.strength, num_train_timesteps=cfg.diffusion.num_train_timesteps,
                             slab_filter=slab_filter)
-        residual_scale = cfg.diffusion.residual_scale or _estimate_residual_scale(accelerator, frozen_vae, spec, cfg)
-        spec = dataclasses.replace(spec, residual_scale=residual_scale)
     # EMA of the U-Net in fp32 (bf16 cannot hold updates of 1e-4 relative size), created before `prepare`
     # casts the model. Saved and restored with each checkpoint (ctld.checkpointing).
     # foreach: one fused update (and under ZeRO-3 one gather of all parameters instead of one per tensor).
@@ -150,7 +149,19 @@ def train(cfg: Config) -> None:
     if cfg.train.steps_per_launch > 0:
         last_step = min(last_step, step + cfg.train.steps_per_launch)
 
+    if spec is not None:
+        # The residual's scale: saved with every checkpoint, so a resumed run trains against the same target even
+        # when it runs on another number of processes (a new measurement would differ slightly).
+        if resume_from is not None and "residual_scale" in state:
+            residual_scale = float(state["residual_scale"])
+        else:
+            residual_scale = cfg.diffusion.residual_scale or _estimate_residual_scale(accelerator, frozen_vae, spec,
+                                                                                     cfg)
+        spec = dataclasses.replace(spec, residual_scale=residual_scale)
+
     run_info = _run_info(cfg, accelerator, frozen_vae, resume_from, step, last_step)
+    if spec is not None:
+        run_info["residual_scale"] = spec.residual_scale
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml", extra=run_info)
     accelerator.init_trackers("tb", config=flatten_config(cfg))
@@ -249,7 +260,10 @@ def train(cfg: Config) -> None:
         if stop_now:
             stopped_by = stop.signal_name or "a signal on another rank"
         if (stepped and (step % cfg.train.checkpoint_every == 0 or step >= last_step)) or stop_now:
-            save_checkpoint(accelerator, run_dir, step, {"step": step, "skipped_steps": skipped_steps},
+            counters = {"step": step, "skipped_steps": skipped_steps}
+            if spec is not None:
+                counters["residual_scale"] = spec.residual_scale
+            save_checkpoint(accelerator, run_dir, step, counters,
                             ema=ema, keep_last=cfg.train.checkpoints_total_limit)
             if not stop_now:
                 train_stream.open(step)  # the data position policy (module docstring)

@@ -361,10 +361,7 @@ class CtldPredictor:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # The engine computes pixel-space priors once per volume; a latent-space prior comes from each window.
-        self.prior_fn = None if self.spec.prior == "latent_cubic" else self._prior_pixels
-
-    def _prior_pixels(self, thick_model: np.ndarray) -> np.ndarray:
-        return self.spec.prior_pixels(thick_model)
+        self.prior_fn = None if self.spec.prior == "latent_cubic" else self.spec.prior_pixels
 
     def __call__(self, thick: torch.Tensor, prior_pixels: torch.Tensor | None = None) -> torch.Tensor:
         from ctld.diffusion import decode_latents, regress, sample
@@ -399,11 +396,6 @@ def prior_predictor(export, device: torch.device | str = "cpu") -> PredictFn:
 
     predict.prior_fn = None if spec.prior == "latent_cubic" else spec.prior_pixels
     return predict
-
-
-def slab_predictor(slab_filter) -> PredictFn:
-    """A window predictor that applies the slab filter (use with `hu_range=None`), like `baseline_predictor`."""
-    return lambda thick: slab_filter.apply(thick)
 
 
 def vae_predictor(vae, device: torch.device | str = "cpu") -> PredictFn:

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.metadata
+import itertools
 import json
 import logging
 import math
@@ -337,16 +338,10 @@ def _estimate_residual_scale(accelerator: Accelerator, vae, spec: ResidualSpec, 
                                num_workers=0, epoch=0)
     dtype = next(vae.parameters()).dtype
     device = accelerator.device
-    moments = torch.zeros(3, device=device, dtype=torch.float64)  # count, sum, sum of squares
-    for index, batch in enumerate(loader):
-        if index >= max(1, cfg.train.scale_batches):
-            break
-        target = encode_latents(vae, batch["thin"].to(device).to(dtype))
-        residual = (target - spec.prior_latents(vae, batch["thick"].to(device).to(dtype))).double()
-        moments += torch.stack([torch.tensor(residual.numel(), device=device, dtype=torch.float64), residual.sum(),
-                                residual.pow(2).sum()])
-    count, total, squares = accelerator.reduce(moments, reduction="sum").tolist()
-    std = math.sqrt(max(squares / count - (total / count) ** 2, 1e-12))
+    batches = itertools.islice(loader, max(1, cfg.train.scale_batches))
+    residuals = (encode_latents(vae, b["thin"].to(device).to(dtype))
+                 - spec.prior_latents(vae, b["thick"].to(device).to(dtype)) for b in batches)
+    std, _ = _std_over_ranks(accelerator, residuals)
     logger.info(f"residual latent std {std:.4g} around the {spec.prior} prior: residual_scale = {1 / std:.4g}")
     return 1.0 / std
 
@@ -514,15 +509,21 @@ def _estimate_scaling_factor(accelerator, vae, train_stream, cfg: Config, step: 
     vae.eval()
     base = accelerator.unwrap_model(vae)
     dtype = next(base.parameters()).dtype
-    moments = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # count, sum, sum of squares
-    for _ in range(cfg.train.scale_batches):
-        x = train_stream.next(step)["thin"].to(accelerator.device).to(dtype)
-        z = base.encode(x).sample().double()
-        moments += torch.stack([torch.tensor(z.numel(), device=z.device, dtype=torch.float64), z.sum(), z.pow(2).sum()])
-    count, total, squares = accelerator.reduce(moments, reduction="sum").tolist()
-    std = math.sqrt(max(squares / count - (total / count) ** 2, 1e-12))
-    logger.info(f"latent std {std:.4g} over {int(count)} values: VAE scaling_factor = {1.0 / std:.4g}")
+    latents = (base.encode(train_stream.next(step)["thin"].to(accelerator.device).to(dtype)).sample()
+               for _ in range(cfg.train.scale_batches))
+    std, count = _std_over_ranks(accelerator, latents)
+    logger.info(f"latent std {std:.4g} over {count} values: VAE scaling_factor = {1.0 / std:.4g}")
     return 1.0 / std
+
+
+def _std_over_ranks(accelerator: Accelerator, tensors) -> tuple[float, int]:
+    """Standard deviation of all values of `tensors` on every rank (one all-reduce of count, sum, sum of squares)."""
+    moments = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
+    for t in tensors:
+        t = t.double()
+        moments += torch.stack([torch.tensor(t.numel(), device=t.device, dtype=torch.float64), t.sum(), t.pow(2).sum()])
+    count, total, squares = accelerator.reduce(moments, reduction="sum").tolist()
+    return math.sqrt(max(squares / count - (total / count) ** 2, 1e-12)), int(count)
 
 
 # ---------------------------------------------------------------------------------------------------------------

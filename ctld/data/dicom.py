@@ -11,11 +11,11 @@ before decoding any pixels:
     plan_series(slices, salt, policy) -> SeriesPlan    sorted, validated (or SeriesSkipped with a reason)
     load_series(plan)         -> Volume                decode + HU
 
-Facts this module relies on (../shared/data/README.md): slices are ordered by ImagePositionPatient projected
-on the normal of ImageOrientationPatient, never by InstanceNumber; the slice spacing comes from those positions,
-never from SliceThickness or SpacingBetweenSlices (with gantry tilt the tag holds the table increment); HU =
-stored * RescaleSlope + RescaleIntercept; SeriesInstanceUID may be empty, so grouping falls back to a key of
-study, frame of reference, orientation, pixel spacing, size and series number.
+Facts about real CT files this module relies on (tests/test_dicom.py checks each on public files): slices are
+ordered by ImagePositionPatient projected on the normal of ImageOrientationPatient, never by InstanceNumber; the
+slice spacing comes from those positions, never from SliceThickness or SpacingBetweenSlices (with gantry tilt the
+tag holds the table increment); HU = stored * RescaleSlope + RescaleIntercept; SeriesInstanceUID may be empty, so
+grouping falls back to a key of study, frame of reference, orientation, pixel spacing, size and series number.
 
 Identifiers (patient id, UIDs) live only in memory in `SliceHeader` and are turned into salted hashes
 (`anon_id`) before anything leaves this module in a `Volume`.
@@ -314,7 +314,7 @@ def scan_file(path: str | os.PathLike, rel_path: str) -> list[SliceHeader]:
         if series_uid:
             series_key = f"uid:{series_uid}"
         else:
-            # Real files with empty UIDs exist (../shared/data/README.md): group by what a series shares.
+            # Real files with empty UIDs exist (e.g. anonymised PET/CT exports): group by what a series shares.
             rounded_orientation = tuple(round(v, 3) for v in orientation) if orientation else None
             rounded_spacing = tuple(round(v, 4) for v in spacing) if spacing else None
             series_key = "fallback:" + repr(

@@ -7,7 +7,8 @@
     batch = next(iter(loader))  # {"thick": (B, 1, 8, P, P), "thin": (B, 1, 40, P, P), "key": [...]}
 
 Do NOT pass the loader through `accelerator.prepare`: it is already split by rank here, and prepare would
-split it a second time and drop half the data (../shared/STACK.md, webdataset).
+split it a second time: with float batches only half of the samples are ever seen, and gloo's broadcast of int16
+batches fails.
 
 The pipeline, per rank and DataLoader worker (one stage per line in `_PatchPipeline`):
 shard URLs -> node split -> worker split -> read tar (bad shards warned and skipped) -> decode -> K aligned

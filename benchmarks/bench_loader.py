@@ -36,8 +36,9 @@ import psutil
 
 from ctld.config import load_config
 from ctld.data import build_shards
-from ctld.data.loader import make_patch_loader, shard_urls
+from ctld.data.loader import make_patch_loader
 from ctld.data.nifti import write_nifti
+from ctld.data.shards import shard_urls
 from ctld.data.volume import Volume
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -179,27 +177,17 @@ def _train(stage: str, config_path: Path, out: Path, shards_dir: Path, steps: in
 def _held_out_from_shards(shards_dir: Path, out: Path) -> dict:
     """The first sample of the test split: its thick series as NIfTI (ctld-infer input) and its thin series."""
     from ctld.data.nifti import write_nifti
+    from ctld.data.shards import iter_samples, manifest_shards
     from ctld.data.volume import Volume
 
-    tars = sorted(shards_dir.glob("test-*.tar"))
-    if not tars:
+    test_urls = manifest_shards(shards_dir, "test")
+    if not test_urls:
         raise ValueError(
             f"{shards_dir} has no test split to hold out: the folders given with --data hold too few patients "
             f"for shards.test_fraction; pass more patients or raise --shards.test_fraction"
         )
-    files: dict[str, bytes] = {}
-    with tarfile.open(tars[0]) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if files and files["__key__"] != key.encode():
-                break
-            files["__key__"] = key.encode()
-            files[ext] = tar.extractfile(member).read()
-    info = json.loads(files["json"])
-    thick_hu = np.load(io.BytesIO(files["thick.npy"]), allow_pickle=False)
-    thin_hu = np.load(io.BytesIO(files["thin.npy"]), allow_pickle=False)
+    sample = next(iter_samples(test_urls[:1]))
+    info, thick_hu, thin_hu = sample["meta"], sample["thick"], sample["thin"]
     thick = Volume(
         hu=thick_hu,
         spacing_mm=info["thick_spacing_mm"],
@@ -209,7 +197,7 @@ def _held_out_from_shards(shards_dir: Path, out: Path) -> dict:
     held = out / "heldout"
     held.mkdir(parents=True, exist_ok=True)
     write_nifti(thick, held / "thick.nii.gz")
-    factor, offset = int(info["factor"]), int(info.get("offset", 0))
+    factor, offset = sample["factor"], sample["offset"]
     target = thin_hu[offset : offset + thick_hu.shape[0] * factor]
     np.save(held / "thin_target.npy", target)
     return {"thick": str(held / "thick.nii.gz"), "thin_target": str(held / "thin_target.npy"), "findings": []}

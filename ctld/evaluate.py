@@ -23,13 +23,11 @@ Case names are salted hashes of the series (salt: $CTLD_SALT, else random per ru
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
 import secrets
 import sys
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +35,8 @@ import numpy as np
 
 from ctld.baselines import METHODS, SlabFilter, interpolate_z
 from ctld.config import DataConfig
+from ctld.data.geometry import AlignmentError, align
+from ctld.data.shards import MANIFEST, iter_samples, manifest_shards
 from ctld.data.transforms import simulate_thick
 from ctld.data.volume import Volume
 from ctld.inference import (
@@ -104,27 +104,13 @@ def _read_volumes(path: Path, salt: str) -> list[Volume]:
 
 
 def _pair_case(thick: Volume, thin: Volume, factor: int, name: str, where: str) -> Case:
-    """Align a real thick series to a thin one of the same study (DESIGN.md, thick/thin alignment)."""
-    dz_thick, dz_thin = thick.spacing_mm[0], thin.spacing_mm[0]
-    if abs(dz_thick / dz_thin - factor) > 0.01 * factor:
-        raise ValueError(f"{where}: spacings {dz_thick:.3f} / {dz_thin:.3f} mm are not the model's factor {factor}")
-    if thick.shape[1:] != thin.shape[1:] or not np.allclose(thick.spacing_mm[1:], thin.spacing_mm[1:], rtol=1e-3):
-        raise ValueError(f"{where}: thick and thin in-plane grids differ ({thick.shape[1:]} at {thick.spacing_mm[1:]} "
-                         f"vs {thin.shape[1:]} at {thin.spacing_mm[1:]}); resample one onto the other first")
-    if not np.allclose(thick.direction, thin.direction, atol=1e-3):
-        raise ValueError(f"{where}: thick and thin series have different orientations")
-    normal = thin.direction[:, 2]
-    delta = np.asarray(thick.origin_mm) - np.asarray(thin.origin_mm)
-    in_plane = delta - (delta @ normal) * normal
-    if np.abs(in_plane).max() > 0.5 * min(thin.spacing_mm[1:]):
-        raise ValueError(f"{where}: thick and thin series are shifted in-plane by {in_plane.round(2).tolist()} mm")
-    # Thin-grid row 0 of the thick series sits at thick origin - (f - 1)/2 thin spacings along the normal.
-    offset_mm = float(delta @ normal) - (factor - 1) / 2.0 * dz_thin
-    offset = offset_mm / dz_thin
-    if abs(offset - round(offset)) > 0.25:
-        raise ValueError(f"{where}: thick slice centres fall {offset:.2f} thin slices from the thin grid; the pair "
-                         f"is not aligned the way simulate_thick aligns (thick slice = mean of {factor} thin slices)")
-    return _aligned_case(thick.hu, thin.hu, factor, int(round(offset)), name, thin.spacing_mm, thin.direction, "real")
+    """A real thick series aligned to a thin one of the same study (`ctld.data.geometry.align`, the tolerances
+    `ctld-shards build` pairs with)."""
+    try:
+        offset = align(thin, thick, factor)
+    except AlignmentError as error:
+        raise ValueError(f"{where}: {error}") from error
+    return _aligned_case(thick.hu, thin.hu, factor, offset, name, thin.spacing_mm, thin.direction, "real")
 
 
 def _aligned_case(thick_hu, thin_hu, factor, offset, name, spacing, direction, source) -> Case:
@@ -140,31 +126,20 @@ def _aligned_case(thick_hu, thin_hu, factor, offset, name, spacing, direction, s
 
 
 def _shard_cases(folder: Path, factor: int, salt: str, start: int) -> list[Case]:
-    """The test split of a shards folder (manifest.json + test-*.tar, format_version 1)."""
-    tars = sorted(folder.glob("test-*.tar"))
-    if not tars:
-        raise ValueError(f"{folder}: shards folder without test-*.tar; build shards with a test_fraction > 0")
+    """The test split of a shards folder, real or simulated pairs as stored."""
+    urls = manifest_shards(folder, "test")
+    if not urls:
+        raise ValueError(f"{folder}: the manifest lists no test shards; build shards with a test_fraction > 0")
     cases = []
-    for tar_path in tars:
-        samples: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for key, files in sorted(samples.items()):
-            if not {"thin.npy", "thick.npy", "json"} <= files.keys():
-                raise ValueError(f"{tar_path}: sample {key} lacks thin.npy/thick.npy/json (has {sorted(files)})")
-            info = json.loads(files["json"])
-            if int(info["factor"]) != factor:
-                raise ValueError(f"{tar_path}: sample {key} has factor {info['factor']}, the model's is {factor}")
-            thin = np.load(io.BytesIO(files["thin.npy"]), allow_pickle=False)
-            thick = np.load(io.BytesIO(files["thick.npy"]), allow_pickle=False)
-            name = _case_name(key, salt, start + len(cases))
-            cases.append(_aligned_case(thick, thin, factor, int(info.get("offset", 0)), name,
-                                       info["thin_spacing_mm"], np.asarray(info["direction"]),
-                                       info.get("thick_source", "real")))
+    for sample in iter_samples(urls):
+        if sample["factor"] != factor:
+            raise ValueError(f"{sample['__url__']}: sample {sample['__key__']} has factor {sample['factor']}, the "
+                             f"model's is {factor}")
+        info = sample["meta"]
+        name = _case_name(sample["__key__"], salt, start + len(cases))
+        cases.append(_aligned_case(sample["thick"], sample["thin"], factor, sample["offset"], name,
+                                   info["thin_spacing_mm"], np.asarray(info["direction"]),
+                                   info.get("thick_source", "real")))
     return cases
 
 
@@ -175,7 +150,7 @@ def load_cases(data: list[str], pairs: list[list[str]], factor: int, salt: str, 
         path = Path(item)
         if not path.exists():
             raise FileNotFoundError(f"DATA {path} does not exist")
-        if path.is_dir() and (path / "manifest.json").is_file():
+        if path.is_dir() and (path / MANIFEST).is_file():
             cases.extend(_shard_cases(path, factor, salt, len(cases)))
             continue
         for volume in _read_volumes(path, salt):

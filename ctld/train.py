@@ -57,7 +57,8 @@ from tqdm.auto import tqdm
 from ctld.baselines import SlabFilter, fit_slab_filter
 from ctld.checkpointing import StopRequest, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from ctld.config import Config, flatten_config, load_config, save_config
-from ctld.data.loader import iter_covered_pairs, make_patch_loader, shard_urls
+from ctld.data.loader import iter_covered_pairs, make_patch_loader
+from ctld.data.shards import manifest_thin_spacing_mm, shard_urls
 from ctld.diffusion import ResidualSpec, build_sampler, build_train_scheduler, encode_latents, residual_loss
 from ctld.export import load_export, save_export
 from ctld.metrics import WINDOWS
@@ -663,11 +664,9 @@ def _load_frozen_vae(cfg: Config, device: torch.device, mixed_precision: str) ->
 
 def _thin_spacing_mm(cfg: Config) -> float | None:
     """Median thin slice spacing the model was trained on: from the shard manifest, else from the VAE export."""
-    manifest = Path(cfg.data.shards_dir) / "manifest.json"
-    if not cfg.data.train_urls and manifest.is_file():
-        median = json.loads(manifest.read_text()).get("geometry", {}).get("thin_spacing_z_mm", {}).get("median")
-        if median is not None:
-            return float(median)
+    median = None if cfg.data.train_urls else manifest_thin_spacing_mm(cfg.data.shards_dir)
+    if median is not None:
+        return median
     vae_meta = Path(cfg.train.vae_export) / "ctld.json" if cfg.train.vae_export else None
     if vae_meta is not None and vae_meta.is_file():
         return json.loads(vae_meta.read_text()).get("thin_spacing_mm")

@@ -17,7 +17,8 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from ctld.config import load_config
-from ctld.data.loader import make_patch_loader, shard_urls
+from ctld.data.loader import make_patch_loader
+from ctld.data.shards import shard_urls
 
 
 def main(argv: list[str]) -> None:

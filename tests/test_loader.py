@@ -19,8 +19,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from ctld.data.loader import iter_tar_members, make_patch_loader, shard_urls
+from ctld.data.loader import make_patch_loader
 from ctld.data.patches import AIR_HU, DIHEDRAL, dihedral
+from ctld.data.shards import shard_urls
+from ctld.data.tar_reader import iter_tar_members
 from ctld.data.transforms import hu_to_int16, model_to_hu, simulate_thick
 
 FACTOR = 5

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -42,12 +41,13 @@ from ctld.config import Config, ConfigError, build_config, load_config, parse_ov
 from ctld.data import dicom
 from ctld.data.archive import discover
 from ctld.data.nifti import is_cache_volume, is_nifti, read_cached_volume, read_nifti, volume_ids
-from ctld.data.pairing import FORMAT_VERSION, Alignment, Geometry, find_partners, make_sample, spacing_class
+from ctld.data.pairing import Alignment, Geometry, find_partners, make_sample, spacing_class
+from ctld.data.shards import FORMAT_VERSION, MANIFEST, decode_sample, read_manifest
+from ctld.data.tar_reader import iter_raw_samples
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-MANIFEST = "manifest.json"
 PLAN = ".plan.json"
 DONE_DIR = ".done"
 TMP_PREFIX = ".tmp-"
@@ -318,7 +318,6 @@ def _build_job(args: tuple[Job, int, str, float, float, float, str]) -> dict:
     except dicom.SeriesSkipped as error:
         files = len(job.thin_plan.slices) if job.thin_plan is not None else 1
         return {"ok": False, "series_id": job.series_id, "reason": error.reason, "detail": error.detail, "files": files}
-    sample["json"] = json.dumps(sample["json"], sort_keys=True).encode()
     return {"ok": True, "sample": sample}
 
 
@@ -598,13 +597,6 @@ def _write_manifest(builder: Builder, shards, records, archive_skips, out_dir: P
 # ----------------------------------------------------------------------------------------------- inspect / verify
 
 
-def read_manifest(out_dir: str | os.PathLike) -> dict:
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise SystemExit(f"ctld-shards: no {MANIFEST} in {out_dir}; run `ctld-shards build SRC... --out {out_dir}`")
-    return json.loads(path.read_text())
-
-
 def inspect(out_dir: Path) -> int:
     manifest = read_manifest(out_dir)
     print(
@@ -636,24 +628,18 @@ def verify_shard(path: Path, expected: dict) -> str | None:
         return f"size {size} bytes, manifest says {expected['bytes']} (truncated or replaced)"
     if _sha256(path) != expected["sha256"]:
         return "sha256 differs from the manifest (corrupt)"
+    samples = 0
     try:
-        samples: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(path) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for key, parts in samples.items():
-            if set(parts) != {"thin.npy", "thick.npy", "json"}:
-                return f"sample {key} has files {sorted(parts)}, expected thin.npy, thick.npy, json"
-            info = json.loads(parts["json"])
-            for name in ("thin", "thick"):
-                array = np.load(io.BytesIO(parts[f"{name}.npy"]), allow_pickle=False)
-                if array.dtype != np.int16 or list(array.shape) != info[f"shape_{name}"]:
-                    return f"sample {key}: {name}.npy is {array.dtype} {array.shape}, json says {info[f'shape_{name}']}"
-    except (tarfile.TarError, ValueError, OSError, KeyError) as error:
-        return f"undecodable: {type(error).__name__}: {error}"
-    if len(samples) != expected["samples"]:
-        return f"{len(samples)} samples, manifest says {expected['samples']}"
+        for raw in iter_raw_samples(str(path)):
+            extra = sorted(set(raw) - {"__key__", "__url__", "thin.npy", "thick.npy", "json"})
+            if extra:
+                return f"sample {raw['__key__']} has unexpected files {extra}"
+            decode_sample(raw)  # every file present, int16 arrays of the shapes its json states
+            samples += 1
+    except (tarfile.TarError, ValueError, OSError) as error:
+        return f"undecodable after {samples} samples: {type(error).__name__}: {error}"
+    if samples != expected["samples"]:
+        return f"{samples} samples, manifest says {expected['samples']}"
     return None
 
 
@@ -706,7 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "build":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return inspect(Path(args.out)) if args.command == "inspect" else verify(Path(args.out))
+        try:
+            return inspect(Path(args.out)) if args.command == "inspect" else verify(Path(args.out))
+        except (FileNotFoundError, ValueError) as error:
+            print(f"ctld-shards {args.command}: error: {error}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, extra) if args.config else build_config(parse_overrides(extra))

@@ -1,7 +1,7 @@
 """Streaming loader of aligned (thick, thin) patch pairs from WebDataset shards, one loader per rank.
 
     accelerator = Accelerator()
-    urls = shard_urls(cfg.data, "train")
+    urls = shard_urls(cfg.data, "train")  # ctld.data.shards
     loader = make_patch_loader(urls, cfg.data, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, seed=cfg.train.seed, epoch=step)
     batch = next(iter(loader))  # {"thick": (B, 1, 8, P, P), "thin": (B, 1, 40, P, P), "key": [...]}
@@ -13,7 +13,7 @@ batches fails.
 The pipeline, per rank and DataLoader worker (one stage per line in `_PatchPipeline`):
 shard URLs -> node split -> worker split -> read tar (bad shards warned and skipped) -> decode -> K aligned
 patch pairs per volume (ctld/data/patches.py) -> shuffle patches -> batch (HU -> [-1, 1]). Tar members are
-read with one `read` each (`iter_tar_members`), at page-cache speed, and volumes are decoded without a copy,
+read with one `read` each (ctld/data/tar_reader.py), at page-cache speed, and volumes are decoded without a copy,
 so one decode of a 150 MB volume is shared by its `patches_per_volume` patches.
 
 Training streams (`resampled=True`) draw shards with replacement, independently on every rank and worker,
@@ -40,24 +40,20 @@ were skipped, or once 8 shards in a row fail, instead of spinning forever on a b
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import logging
 import math
-import tarfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import group_by_keys
 
 from ctld.config import DataConfig
-from ctld.data.patches import covered_pair, fits_patch, sample_patch_pairs_d
+from ctld.data.geometry import covered_pair
+from ctld.data.patches import fits_patch, sample_patch_pairs_d
+from ctld.data.shards import decode_sample, iter_samples
+from ctld.data.tar_reader import iter_raw_samples
 from ctld.data.transforms import hu_to_model
 
 # Not accelerate's get_logger: this code also runs in DataLoader workers and without an Accelerator
@@ -71,68 +67,8 @@ MIN_SAMPLES_BEFORE_FAILING = 20
 # Warn for the first few events of each kind, then every 100th, so a large damaged set does not flood logs.
 _WARN_FIRST = 5
 _WARN_EVERY = 100
-# Read buffer for shard streams (local files, pipe: commands): large reads for 10-150 MB members.
-_READ_BUFSIZE = 1 << 20
 # Seed stage tags: each random stage gets its own generator, so adding draws in one leaves the others alone.
 _STAGE_SHARDS, _STAGE_PATCHES, _STAGE_SHUFFLE = 1, 2, 3
-
-
-def shard_urls(data_cfg: DataConfig, split: str) -> list[str]:
-    """Shard URLs of one split: `data.train_urls` / `data.val_urls` when set, else `<shards_dir>/manifest.json`.
-
-    Explicit URLs may be local paths, brace patterns (`/data/train-{000000..000099}.tar`), `pipe:` commands
-    for object stores (`pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -`) or http(s) URLs; several
-    patterns can be joined with `::`. Manifest shard names are resolved relative to `shards_dir`.
-    """
-    explicit = {"train": data_cfg.train_urls, "val": data_cfg.val_urls}.get(split, "")
-    if explicit:
-        urls = list(wds.shardlists.expand_urls(explicit))
-        if not urls:
-            raise ValueError(f"data.{split}_urls={explicit!r} expands to no shard URLs")
-        return urls
-    shards_dir = Path(data_cfg.shards_dir)
-    manifest_path = shards_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"no shard manifest at {manifest_path}: build shards with `ctld-shards build ... --out {shards_dir}`, "
-            f"or set --data.shards_dir to that folder, or list shards with --data.{split}_urls=..."
-        )
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    if "factor" in manifest and manifest["factor"] != data_cfg.factor:
-        raise ValueError(
-            f"{manifest_path} was built with factor {manifest['factor']} but data.factor is {data_cfg.factor}: "
-            f"every sample would be skipped; pass --data.factor={manifest['factor']} or rebuild the shards"
-        )
-    names = _manifest_shards(manifest, split, manifest_path)
-    urls = []
-    for name in names:
-        path = Path(name) if Path(name).is_absolute() else shards_dir / name
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"shard {path} listed in {manifest_path} is missing; copy the whole shard folder or rebuild it"
-            )
-        urls.append(str(path))
-    if not urls:
-        raise ValueError(
-            f"{manifest_path} lists no '{split}' shards (too few patients for shards.val_fraction / "
-            "test_fraction? `ctld-shards inspect` shows the split sizes)"
-        )
-    return urls
-
-
-def _manifest_shards(manifest: dict[str, Any], split: str, path: Path) -> list[str]:
-    """Shard file names of `split` from a `ctld-shards build` manifest ({"shards": [{"name", "split", ...}]})."""
-    shards = manifest.get("shards")
-    if not isinstance(shards, list):
-        raise ValueError(f"{path} has no 'shards' list; is it a manifest written by `ctld-shards build`?")
-    names = []
-    for entry in shards:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise ValueError(f"{path}: shard entry {entry!r} has no 'name'; rebuild with `ctld-shards build`")
-        if entry.get("split") == split:
-            names.append(entry["name"])
-    return names
 
 
 def check_data_config(data_cfg: DataConfig) -> None:
@@ -151,71 +87,18 @@ def check_data_config(data_cfg: DataConfig) -> None:
             raise ValueError(f"data.{name} must be within [0, 1], got {getattr(data_cfg, name)}")
 
 
-def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Raw shard sample (bytes per file) -> {"__key__", "__url__", "thick", "thin", "factor", "offset", "meta"}.
-
-    Arrays are read-only views of the sample's bytes (no copy of a 150 MB volume); patches are copies.
-    Raises ValueError naming what is missing or wrong.
-    """
-    missing = [name for name in ("thin.npy", "thick.npy", "json") if name not in sample]
-    if missing:
-        raise ValueError(f"lacks {', '.join(missing)} (has {sorted(k for k in sample if not k.startswith('__'))})")
-    meta = json.loads(sample["json"])
-    try:
-        factor, offset = int(meta["factor"]), int(meta["offset"])
-    except (KeyError, TypeError, ValueError) as exn:
-        raise ValueError(f"json needs integer 'factor' and 'offset' (format_version 1): {exn!r}") from exn
-    thin, thick = _npy_view(sample["thin.npy"], "thin.npy"), _npy_view(sample["thick.npy"], "thick.npy")
-    if thin.shape[1:] != thick.shape[1:]:
-        raise ValueError(f"thin {thin.shape} and thick {thick.shape} differ in-plane")
-    return {
-        "__key__": sample["__key__"],
-        "__url__": sample.get("__url__", ""),
-        "thick": thick,
-        "thin": thin,
-        "factor": factor,
-        "offset": offset,
-        "meta": meta,
-    }
-
-
 def iter_covered_pairs(urls: list[str], factor: int, max_samples: int = 0):
     """(key, thick, thin) of each sample of `urls`, in order, cut to the thick slices whose whole thin slab exists
     (`covered_pair`: thin row k*factor + i is phase i of thick slice k). For whole-volume statistics such as the
     slab filter fit; a sample of another factor is an error (the shards do not fit the model)."""
-    seen = 0
-    for url in urls:
-        stream = wds.gopen(url, bufsize=_READ_BUFSIZE)  # local path, pipe: command or http(s) URL
-        try:
-            for raw in group_by_keys(iter_tar_members(stream, url), handler=reraise_exception):
-                sample = decode_sample(raw)
-                if sample["factor"] != factor:
-                    raise ValueError(f"sample {sample['__key__']!r} in {url} has factor {sample['factor']}, the model "
-                                     f"{factor}")
-                thick, thin = covered_pair(sample["thick"], sample["thin"], factor=factor, offset=sample["offset"])
-                yield sample["__key__"], thick, thin
-                seen += 1
-                if max_samples and seen >= max_samples:
-                    return
-        finally:
-            _close_quietly(stream)
-
-
-def _npy_view(data: bytes, name: str) -> np.ndarray:
-    """An int16 (D, H, W) array over the bytes of a .npy file, without copying (np.load would copy)."""
-    header = io.BytesIO(data)
-    version = np.lib.format.read_magic(header)
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in read_header:
-        raise ValueError(f"{name} is .npy format {version}; expected 1.0 or 2.0 (numpy.save writes those)")
-    shape, fortran_order, dtype = read_header[version](header)
-    if dtype != np.int16 or len(shape) != 3:
-        raise ValueError(f"{name} must be int16 (D, H, W) HU (format_version 1), got {dtype} {shape}")
-    count = math.prod(shape)
-    if len(data) - header.tell() < count * dtype.itemsize:
-        raise ValueError(f"{name} is truncated: {len(data) - header.tell()} bytes for shape {shape}")
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=header.tell())
-    return array.reshape(shape, order="F" if fortran_order else "C")
+    for seen, sample in enumerate(iter_samples(urls), start=1):
+        if sample["factor"] != factor:
+            raise ValueError(f"sample {sample['__key__']!r} in {sample['__url__']} has factor {sample['factor']}, "
+                             f"the model {factor}")
+        thick, thin = covered_pair(sample["thick"], sample["thin"], factor=factor, offset=sample["offset"])
+        yield sample["__key__"], thick, thin
+        if max_samples and seen >= max_samples:
+            return
 
 
 def collate_patches(patches: list[dict[str, Any]], *, hu_min: float, hu_max: float) -> dict[str, Any]:
@@ -319,14 +202,13 @@ class _ReadShards:
         state = self.state
         for shard in src:
             url = shard["url"]
-            stream, yielded = None, 0
+            yielded = 0
             try:
-                stream = wds.gopen(url, bufsize=_READ_BUFSIZE)  # local path, pipe: command or http(s) URL
-                for sample in group_by_keys(iter_tar_members(stream, url), handler=reraise_exception):
+                # Closing the stream at the end checks a pipe: command's exit status; a consumer that stops
+                # mid-shard (end of a pass) closes it when this generator is closed.
+                for sample in iter_raw_samples(url):
                     yielded += 1
                     yield sample
-                stream, done = None, stream
-                done.close()  # a pipe: command's exit status is checked here
             except Exception as exn:  # noqa: BLE001 - any read failure of one shard is reported, not fatal
                 state.bad_shards_in_a_row += 1
                 state.count("bad_shard", f"skipping the rest of shard {url} after {yielded} samples: {exn!r}")
@@ -337,100 +219,6 @@ class _ReadShards:
                     ) from exn
             else:
                 state.bad_shards_in_a_row = 0
-            finally:
-                _close_quietly(stream)  # after a read error, or when the consumer stops mid-shard (end of a pass)
-
-
-def iter_tar_members(stream, url: str):
-    """{"fname", "data", "__url__"} per regular file of a tar stream (what webdataset's tar_file_iterator
-    yields), reading each member with one `read` call.
-
-    tarfile's stream mode ("r|*", used by webdataset) reads members through 10 KiB chunks that it joins and
-    slices again, about 170 MB/s here, too slow to keep a GPU fed with 150 MB volumes; this reader runs at
-    page-cache speed (about 1.2 GB/s) on local files, pipes and http alike. It handles ustar, GNU long names,
-    pax headers and gzip-compressed shards; damage raises tarfile.ReadError.
-    """
-    first = _read_exactly(stream, tarfile.BLOCKSIZE)
-    if first[:2] == b"\x1f\x8b":  # a .tar.gz shard
-        stream = gzip.GzipFile(fileobj=_Prefixed(first, stream))
-        first = _read_exactly(stream, tarfile.BLOCKSIZE)
-    header, next_name, next_size = first, None, None
-    while header:
-        if len(header) < tarfile.BLOCKSIZE:
-            raise tarfile.ReadError(f"truncated tar header ({len(header)} bytes)")
-        try:
-            member = tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
-        except tarfile.EOFHeaderError:
-            return  # the zero block that ends the archive
-        size = member.size if next_size is None else next_size
-        data = _read_exactly(stream, size)
-        if len(data) < size:
-            raise tarfile.ReadError(f"unexpected end of data in {member.name}: {len(data)} of {size} bytes")
-        _read_exactly(stream, -size % tarfile.BLOCKSIZE)  # padding to the next block
-        if member.type == tarfile.GNUTYPE_LONGNAME:
-            next_name = data.rstrip(b"\0").decode(tarfile.ENCODING, "surrogateescape")
-        elif member.type == tarfile.XHDTYPE:  # pax records "<length> <key>=<value>\n" for the next member
-            records = dict(_pax_records(data))
-            next_name = records.get("path", next_name)
-            next_size = int(records["size"]) if "size" in records else next_size
-        else:
-            if member.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE):
-                yield {"fname": next_name or member.name, "data": data, "__url__": url}
-            next_name, next_size = None, None
-        header = _read_exactly(stream, tarfile.BLOCKSIZE)
-
-
-def _pax_records(data: bytes):
-    position = 0
-    while position < len(data):
-        length = int(data[position : data.index(b" ", position)])
-        key, _, value = data[data.index(b" ", position) + 1 : position + length - 1].partition(b"=")
-        yield key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
-        position += length
-
-
-def _read_exactly(stream, size: int) -> bytes:
-    """`size` bytes, fewer only at the end of the stream (a raw pipe may return short reads)."""
-    data = stream.read(size)
-    if len(data) == size or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < size:
-        part = stream.read(size - got)
-        if not part:
-            break
-        parts.append(part)
-        got += len(part)
-    return b"".join(parts)
-
-
-class _Prefixed(io.RawIOBase):
-    """A stream that returns `prefix` first, then the rest of `stream` (to hand already-read bytes to gzip)."""
-
-    def __init__(self, prefix: bytes, stream):
-        self.prefix, self.stream = prefix, stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        if self.prefix:
-            count = min(len(buffer), len(self.prefix))
-            buffer[:count], self.prefix = self.prefix[:count], self.prefix[count:]
-            return count
-        data = self.stream.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
-def _close_quietly(stream) -> None:
-    if stream is None:
-        return
-    try:
-        stream.close()
-    except Exception:  # noqa: BLE001 - the read error already being reported is the useful one
-        pass
 
 
 class _DecodePairs:

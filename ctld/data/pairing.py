@@ -1,27 +1,21 @@
-"""Thick/thin pairing (DESIGN.md, Thick/thin alignment) and the shard sample built from a pair.
+"""Thick/thin pairing: which thick series partners which thin one, and the shard sample built from a pair.
 
-A real pair is a thin and a thick series of one study and frame of reference with the same orientation and
-in-plane grid, `factor = thick dz / thin dz` (an integer within 1%) and overlapping z. Thick slice k covers thin
-slices `[offset + k*factor, offset + (k+1)*factor)`: its centre `z_k` is the centre of those thin slices, so
-
-    offset = (z_thick_0 - z_thin_0) / dz_thin - (factor - 1) / 2        (must be an integer within 0.25 slice)
-
-Thick slices whose slab is not fully inside the thin series are cropped, so `offset >= 0` in every sample.
-A thin series without a partner gets a simulated thick input (`simulate_thick`, offset 0).
+A real pair is a thin and a thick series of one patient, study and frame of reference whose grids align
+(`ctld.data.geometry.align`: same orientation and in-plane grid, spacing ratio = factor, thick slab centres on
+thin slices). Thick slices whose slab is not fully inside the thin series are cropped, so `offset >= 0` in every
+sample. A thin series without a partner gets a simulated thick input (`simulate_thick`, offset 0).
 """
 
 from __future__ import annotations
 
-import io
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from ctld.data import geometry
+from ctld.data.shards import encode_sample
 from ctld.data.transforms import simulate_thick
 from ctld.data.volume import Volume
-
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -75,28 +69,17 @@ def spacing_class(spacing_z_mm: float, thin_max_spacing_mm: float, thick_min_spa
 
 
 def align(thin: Geometry, thick: Geometry, factor: int) -> Alignment | None:
-    """The alignment of `thick` to `thin`, or None when they are not a real pair with this factor."""
+    """The alignment of `thick` to `thin`, or None when they are not a real pair with this factor: another
+    patient, study or frame of reference, or grids that `ctld.data.geometry.align` refuses."""
     if thin.case_id != thick.case_id or thin.study_id != thick.study_id:
         return None
     if thin.frame_of_reference_id != thick.frame_of_reference_id:
         return None
-    if thin.shape[1:] != thick.shape[1:] or not np.allclose(thin.matrix, thick.matrix, atol=1e-3):
+    try:
+        offset = geometry.align(thin, thick, factor)
+    except geometry.AlignmentError:
         return None
-    if not np.allclose(thin.spacing_mm[1:], thick.spacing_mm[1:], rtol=0.01):
-        return None
-    dz_thin, dy, dx = thin.spacing_mm
-    if abs(thick.spacing_mm[0] / dz_thin - factor) > 0.01 * factor:
-        return None
-    direction = thin.matrix
-    delta = np.asarray(thick.origin_mm) - np.asarray(thin.origin_mm)
-    if abs(delta @ direction[:, 0]) > 0.5 * dx or abs(delta @ direction[:, 1]) > 0.5 * dy:
-        return None  # in-plane grids do not coincide
-    offset_float = (delta @ direction[:, 2]) / dz_thin - (factor - 1) / 2
-    offset = round(offset_float)
-    if abs(offset_float - offset) > 0.25:
-        return None  # thick slab centres fall between thin slices
-    start = max(0, math.ceil(-offset / factor))
-    stop = min(thick.shape[0], (thin.shape[0] - offset) // factor)
+    start, stop = geometry.covered_slabs(thick.shape[0], thin.shape[0], factor=factor, offset=offset)
     if stop - start < 1:
         return None
     return Alignment(thick.series_id, offset + start * factor, start, stop)
@@ -125,12 +108,6 @@ def find_partners(geometries: list[Geometry], factor: int, thin_max_mm: float, t
         if spacing_class(g.spacing_mm[0], thin_max_mm, thick_min_mm) == "intermediate"
     ]
     return partners, sorted(unused)
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
 
 
 def sample_key(volume: Volume) -> str:
@@ -171,7 +148,7 @@ def make_sample(
 ) -> dict:
     """The shard sample (DESIGN.md, Shard sample) of a thin volume and its real or simulated thick partner.
 
-    Returns a dict with `__key__`, `thin.npy`, `thick.npy` (encoded .npy bytes) and `json` (a dict)."""
+    Returns the encoded sample (`ctld.data.shards.encode_sample`)."""
     if thin.hu.shape[0] < factor:
         raise ValueError(f"thin series {thin.series_id} has {thin.hu.shape[0]} slices, fewer than factor={factor}")
     direction = np.asarray(thin.direction)
@@ -186,8 +163,7 @@ def make_sample(
     else:
         thick_hu = simulate_thick(thin.hu, factor, thick_profile)
         dz = thin.spacing_mm[0]
-        # Simulated thick slice k is centred on its thin slab (DESIGN.md, Geometry convention).
-        thick_origin = np.asarray(thin.origin_mm) + (factor - 1) / 2 * dz * direction[:, 2]
+        thick_origin = geometry.thick_origin_mm(thin.origin_mm, dz, direction, factor)
         thick_spacing = (dz * factor, thin.spacing_mm[1], thin.spacing_mm[2])
         offset, source, thick_meta = 0, "simulated", {"profile": thick_profile}
     thin_hu, thin_spacing = thin.hu, thin.spacing_mm
@@ -201,7 +177,6 @@ def make_sample(
         if k in ("source", "manufacturer", "model", "kernel", "slice_thickness_mm", "repairs")
     }
     info = {
-        "format_version": FORMAT_VERSION,
         "case_id": thin.case_id,
         "series_id": thin.series_id,
         "study_id": thin.study_id,
@@ -220,9 +195,4 @@ def make_sample(
     }
     if source == "real":
         info["thick_series_id"] = thick.series_id
-    return {
-        "__key__": sample_key(thin),
-        "thin.npy": _npy_bytes(thin_hu.astype(np.int16, copy=False)),
-        "thick.npy": _npy_bytes(thick_hu.astype(np.int16, copy=False)),
-        "json": info,
-    }
+    return encode_sample(sample_key(thin), thin_hu, thick_hu, info)

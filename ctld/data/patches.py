@@ -2,8 +2,8 @@
 (MONAI's array.py / dictionary.py split). The loader (ctld/data/loader.py) streams shards through these.
 
 Alignment (DESIGN.md, Thick/thin alignment): thick slice k covers thin slices [offset + k*f, offset + (k+1)*f).
-`covered_pair` first cuts both volumes to the thick slices whose thin slab lies fully inside the thin
-volume, so from then on offset is 0 and thick slice k pairs with thin slices [k*f, (k+1)*f). A patch of
+`covered_pair` (ctld/data/geometry.py) first cuts both volumes to the thick slices whose thin slab lies fully
+inside the thin volume, so from then on offset is 0 and thick slice k pairs with thin slices [k*f, (k+1)*f). A patch of
 `depth_thick` thick slices from k0 pairs with thin slices [k0*f, (k0 + depth_thick)*f) and the same
 in-plane crop; a patch that reaches outside the volume (volumes smaller than a patch) is filled with air.
 
@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ctld.data.geometry import covered_pair
+
 AIR_HU = -1024  # fill value for padding (DESIGN.md, Intensities: hu_min maps air to -1)
 # A voxel counts as foreground above this. Air reads about -1000 +- noise; lung parenchyma about -850 to
 # -700, so lung crops count as foreground while the air around the patient does not.
@@ -27,34 +29,6 @@ _FOREGROUND_STRIDE = 4
 
 # The 8 in-plane symmetries of a square (dihedral group D4) as (flip_rows, flip_cols, quarter_turns).
 DIHEDRAL = tuple((flip_y, flip_x, turns) for flip_y in (False, True) for flip_x in (False, True) for turns in (0, 1))
-
-
-def covered_pair(thick: np.ndarray, thin: np.ndarray, *, factor: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut a thick/thin pair to the thick slices whose whole thin slab exists, so that offset becomes 0.
-
-    Args:
-        thick: (Dk, H, W) HU.
-        thin: (D, H, W) HU on the same in-plane grid.
-        factor: thin slices per thick slice.
-        offset: thick slice k covers thin slices [offset + k*factor, offset + (k+1)*factor); may be negative.
-
-    Returns:
-        Views `(thick[k_lo:k_hi], thin[offset + k_lo*factor : offset + k_hi*factor])`; the thin view holds
-        exactly `factor` slices per thick slice (both may have depth 0 when nothing overlaps).
-    """
-    if factor < 1:
-        raise ValueError(f"factor must be >= 1, got {factor}")
-    if thick.ndim != 3 or thin.ndim != 3:
-        raise ValueError(f"thick and thin must be (D, H, W), got shapes {thick.shape} and {thin.shape}")
-    if thick.shape[1:] != thin.shape[1:]:
-        raise ValueError(
-            f"thick {thick.shape} and thin {thin.shape} must share the in-plane grid (H, W); "
-            "rebuild the shards with `ctld-shards build`, which resamples partners onto one grid"
-        )
-    k_lo = max(0, -(offset // factor))  # first k with offset + k*factor >= 0
-    k_hi = min(thick.shape[0], (thin.shape[0] - offset) // factor)  # last slab ends inside thin
-    k_hi = max(k_hi, k_lo)
-    return thick[k_lo:k_hi], thin[offset + k_lo * factor : offset + k_hi * factor]
 
 
 def crop_with_fill(volume: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float = AIR_HU) -> np.ndarray:

@@ -1,0 +1,152 @@
+"""Thick and thin grids, and how a thick series lines up with a thin one: one home, one set of tolerances.
+
+The thin grid of a thick series (docs/DESIGN.md, Geometry convention): thick slice k at `z_k` (slice spacing
+`dz`) becomes `factor` thin slices at `z_k + (i - (factor - 1) / 2) * dz / factor`, i = 0..factor-1, centred on
+it. So thin row 0 sits `(factor - 1) / 2` thin spacings before thick slice 0, and in thick-index units thin row m
+is at `(m + 0.5) / factor - 0.5` (`thin_positions`).
+
+A thick series pairs with a thin one when both share orientation and in-plane grid, the spacing ratio is the
+factor, and the thick slab centres fall on thin slices: thick slice k then covers thin rows
+`[offset + k * factor, offset + (k + 1) * factor)` (`align`). The shard builder, `ctld-eval --pair`, the loader,
+inference and the baselines all use these functions, so a pair accepted by one is accepted by all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Protocol
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Tolerances of a thick/thin pair (and of a thick input's grid).
+FACTOR_RTOL = 0.01  # thick dz / thin dz within 1% of the integer factor
+INPLANE_SPACING_RTOL = 0.01  # pixel spacings within 1%
+DIRECTION_ATOL = 1e-3  # direction cosines (about 0.06 degrees)
+INPLANE_SHIFT_PX = 0.5  # in-plane origins within half a pixel
+OFFSET_TOL_SLICES = 0.25  # thick slab centres within a quarter thin slice of the thin grid
+ORTHOGONAL_ATOL = 1e-3  # direction columns orthonormal (no gantry tilt / shear)
+
+
+class Grid(Protocol):
+    """What alignment needs: a `Volume`, a pairing `Geometry` or a DICOM `SeriesPlan` all provide it."""
+
+    shape: tuple[int, int, int]  # (D, H, W)
+    spacing_mm: tuple[float, float, float]  # (dz, dy, dx)
+    origin_mm: tuple[float, float, float]
+    direction: np.ndarray  # (3, 3) columns: x (W), y (H), z (D, the slice normal)
+
+
+class AlignmentError(ValueError):
+    """A thick and a thin series do not form a pair; the message says why."""
+
+
+def thin_positions(depth: int, factor: int) -> np.ndarray:
+    """Thick-index coordinate of each thin row of a `depth`-slice thick series: (m + 0.5) / factor - 0.5."""
+    return (np.arange(depth * factor) + 0.5) / factor - 0.5
+
+
+def thin_origin_mm(thick_origin_mm, thick_dz_mm: float, direction, factor: int) -> np.ndarray:
+    """Where thin row 0 of a thick series' thin grid sits: (factor - 1) / 2 thin spacings before thick slice 0."""
+    normal = np.asarray(direction, dtype=np.float64).reshape(3, 3)[:, 2]
+    return np.asarray(thick_origin_mm, dtype=np.float64) - (factor - 1) / 2.0 * (thick_dz_mm / factor) * normal
+
+
+def thick_origin_mm(thin_origin_mm, thin_dz_mm: float, direction, factor: int) -> np.ndarray:
+    """Centre of thick slice 0 simulated from thin rows [0, factor): the inverse of `thin_origin_mm`."""
+    normal = np.asarray(direction, dtype=np.float64).reshape(3, 3)[:, 2]
+    return np.asarray(thin_origin_mm, dtype=np.float64) + (factor - 1) / 2.0 * thin_dz_mm * normal
+
+
+def align(thin: Grid, thick: Grid, factor: int) -> int:
+    """The offset of `thick` on `thin` (thick slice k covers thin rows [offset + k*factor, offset + (k+1)*factor)),
+    or AlignmentError saying why they are not a pair with this factor. The offset may be negative or leave
+    thick slices without thin rows: `covered_slabs` says which slabs a pair covers."""
+    thin_dir = np.asarray(thin.direction, dtype=np.float64).reshape(3, 3)
+    thick_dir = np.asarray(thick.direction, dtype=np.float64).reshape(3, 3)
+    if not np.allclose(thin_dir, thick_dir, atol=DIRECTION_ATOL):
+        raise AlignmentError("thick and thin series have different orientations")
+    if tuple(thin.shape[1:]) != tuple(thick.shape[1:]) or not np.allclose(
+        thin.spacing_mm[1:], thick.spacing_mm[1:], rtol=INPLANE_SPACING_RTOL
+    ):
+        raise AlignmentError(
+            f"thick and thin in-plane grids differ ({tuple(thick.shape[1:])} at {tuple(thick.spacing_mm[1:])} mm vs "
+            f"{tuple(thin.shape[1:])} at {tuple(thin.spacing_mm[1:])} mm); resample one onto the other first"
+        )
+    dz_thin, dy, dx = (float(v) for v in thin.spacing_mm)
+    ratio = float(thick.spacing_mm[0]) / dz_thin
+    if abs(ratio - factor) > FACTOR_RTOL * factor:
+        raise AlignmentError(
+            f"slice spacings {float(thick.spacing_mm[0]):.3f} / {dz_thin:.3f} mm (ratio {ratio:.3f}) are not factor "
+            f"{factor}"
+        )
+    delta = np.asarray(thick.origin_mm, dtype=np.float64) - np.asarray(thin.origin_mm, dtype=np.float64)
+    shift_x, shift_y = float(delta @ thin_dir[:, 0]), float(delta @ thin_dir[:, 1])
+    if abs(shift_x) > INPLANE_SHIFT_PX * dx or abs(shift_y) > INPLANE_SHIFT_PX * dy:
+        raise AlignmentError(f"thick and thin series are shifted in-plane by ({shift_x:.2f}, {shift_y:.2f}) mm")
+    offset = float(delta @ thin_dir[:, 2]) / dz_thin - (factor - 1) / 2.0
+    if abs(offset - round(offset)) > OFFSET_TOL_SLICES:
+        raise AlignmentError(
+            f"thick slab centres fall {offset:.2f} thin slices from the thin grid (tolerance {OFFSET_TOL_SLICES}); "
+            f"a thick slice must be centred on its {factor} thin slices"
+        )
+    return int(round(offset))
+
+
+def covered_slabs(thick_depth: int, thin_depth: int, *, factor: int, offset: int) -> tuple[int, int]:
+    """Thick slices [k_lo, k_hi) whose whole thin slab [offset + k*factor, offset + (k+1)*factor) exists
+    (k_hi == k_lo when none does)."""
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    k_lo = max(0, -(offset // factor))  # first k with offset + k*factor >= 0
+    k_hi = min(thick_depth, (thin_depth - offset) // factor)  # last slab ends inside thin
+    return k_lo, max(k_hi, k_lo)
+
+
+def covered_pair(thick: np.ndarray, thin: np.ndarray, *, factor: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a thick/thin pair to the thick slices whose whole thin slab exists, so that offset becomes 0.
+
+    Returns views `(thick[k_lo:k_hi], thin[offset + k_lo*factor : offset + k_hi*factor])`: the thin view holds
+    exactly `factor` rows per thick slice, row k*factor + i being phase i of thick slice k (both may be empty).
+    """
+    if thick.ndim != 3 or thin.ndim != 3:
+        raise ValueError(f"thick and thin must be (D, H, W), got shapes {thick.shape} and {thin.shape}")
+    if thick.shape[1:] != thin.shape[1:]:
+        raise ValueError(
+            f"thick {thick.shape} and thin {thin.shape} must share the in-plane grid (H, W); "
+            "rebuild the shards with `ctld-shards build`, which resamples partners onto one grid"
+        )
+    k_lo, k_hi = covered_slabs(thick.shape[0], thin.shape[0], factor=factor, offset=offset)
+    return thick[k_lo:k_hi], thin[offset + k_lo * factor : offset + k_hi * factor]
+
+
+def check_thick_input(grid: Grid, *, factor: int, thin_spacing_mm: float, spacing_tolerance: float, name: str,
+                      slice_thickness_mm: float | None = None) -> None:
+    """Refuse a thick input the model cannot handle, naming the series: a sheared grid (gantry tilt) and a slice
+    spacing that is not about `factor` x the thin spacing the model was trained for (e.g. an already thin series;
+    `spacing_tolerance` < 0 never refuses). Warns when the slice thickness differs from the spacing."""
+    direction = np.asarray(grid.direction, dtype=np.float64).reshape(3, 3)
+    if np.abs(direction.T @ direction - np.eye(3)).max() > ORTHOGONAL_ATOL:
+        plane_normal = np.cross(direction[:, 0], direction[:, 1])
+        cosine = abs(float(plane_normal @ direction[:, 2])) / max(float(np.linalg.norm(plane_normal)), 1e-12)
+        angle = math.degrees(math.acos(min(1.0, cosine)))
+        raise ValueError(
+            f"{name}: the slice axis is {angle:.1f} deg off the image plane's normal (gantry tilt or a sheared "
+            f"affine); ctld needs an orthogonal grid. Resample the series without tilt first."
+        )
+    dz = float(grid.spacing_mm[0])
+    expected = factor * thin_spacing_mm
+    if spacing_tolerance >= 0 and abs(dz / expected - 1.0) > spacing_tolerance:
+        raise ValueError(
+            f"{name}: slice spacing {dz:.3f} mm does not fit this model: it turns {expected:.3g} mm slices into "
+            f"{thin_spacing_mm:.3g} mm (factor {factor}, tolerance {spacing_tolerance:.0%}). Pass a thick series of "
+            f"about {expected:.3g} mm spacing, or --spacing_tolerance=-1 to run anyway."
+        )
+    thickness = float(slice_thickness_mm or dz)
+    if abs(thickness / dz - 1.0) > 0.1:
+        logger.warning(
+            "%s: slice thickness %.2f mm differs from the spacing %.2f mm (overlapping or gapped reconstruction); the "
+            "model assumes each thick slice averages the %d thin slices it covers", name, thickness, dz, factor
+        )

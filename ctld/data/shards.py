@@ -1,0 +1,185 @@
+"""The shard format: what a sample holds, how it is encoded and decoded, and where the manifest says shards are.
+
+    manifest = read_manifest("shards")                        # manifest.json written by `ctld-shards build`
+    for sample in iter_samples(manifest_shards("shards", "test")):
+        sample["thick"], sample["thin"], sample["factor"], sample["offset"], sample["meta"]
+
+A sample (docs/DESIGN.md, Shard sample) is three tar members sharing a key: `thin.npy` and `thick.npy` (int16
+(D, H, W) HU, .npy format 1.0/2.0) and `json` (geometry and provenance, `format_version`). Every reader of shards
+goes through this module (the loader, the slab filter fit, `ctld-eval`, `ctld-shards verify`, the demo), so the
+format changes in one place.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from ctld.config import DataConfig
+from ctld.data.tar_reader import iter_raw_samples
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SAMPLE_FILES = ("thin.npy", "thick.npy", "json")
+
+
+def encode_sample(key: str, thin_hu: np.ndarray, thick_hu: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:
+    """A sample as webdataset's ShardWriter writes it: {"__key__", "thin.npy", "thick.npy", "json"} (bytes)."""
+    return {
+        "__key__": key,
+        "thin.npy": _npy_bytes(thin_hu.astype(np.int16, copy=False)),
+        "thick.npy": _npy_bytes(thick_hu.astype(np.int16, copy=False)),
+        "json": json.dumps({**info, "format_version": FORMAT_VERSION}, sort_keys=True).encode(),
+    }
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Raw sample (bytes per file) -> {"__key__", "__url__", "thick", "thin", "factor", "offset", "meta"}.
+
+    Arrays are read-only views of the sample's bytes (no copy of a 150 MB volume). Raises ValueError naming
+    what is missing or wrong.
+    """
+    missing = [name for name in SAMPLE_FILES if name not in raw]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)} (has {sorted(k for k in raw if not k.startswith('__'))})")
+    meta = json.loads(raw["json"])
+    try:
+        factor, offset = int(meta["factor"]), int(meta["offset"])
+    except (KeyError, TypeError, ValueError) as exn:
+        raise ValueError(f"json needs integer 'factor' and 'offset' (format {FORMAT_VERSION}): {exn!r}") from exn
+    thin, thick = _npy_view(raw["thin.npy"], "thin.npy"), _npy_view(raw["thick.npy"], "thick.npy")
+    if thin.shape[1:] != thick.shape[1:]:
+        raise ValueError(f"thin {thin.shape} and thick {thick.shape} differ in-plane")
+    for name, array in (("thin", thin), ("thick", thick)):
+        stated = meta.get(f"shape_{name}")
+        if stated is not None and list(array.shape) != list(stated):
+            raise ValueError(f"{name}.npy has shape {array.shape}, its json says {stated}")
+    return {
+        "__key__": raw["__key__"],
+        "__url__": raw.get("__url__", ""),
+        "thick": thick,
+        "thin": thin,
+        "factor": factor,
+        "offset": offset,
+        "meta": meta,
+    }
+
+
+def iter_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """Decoded samples of `urls`, in order; a damaged shard or sample raises (the loader skips instead)."""
+    for url in urls:
+        for raw in iter_raw_samples(url):
+            try:
+                yield decode_sample(raw)
+            except ValueError as error:
+                raise ValueError(f"sample {raw.get('__key__')!r} in {url}: {error}") from error
+
+
+def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a `ctld-shards build` folder; FileNotFoundError / ValueError saying what to do."""
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no shard manifest at {path}: build shards with `ctld-shards build SRC... --out {shards_dir}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); rebuild the shards with `ctld-shards build`") from error
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ValueError(f"{path} has no 'shards' list; is it a manifest written by `ctld-shards build`?")
+    return manifest
+
+
+def manifest_shards(shards_dir: str | Path, split: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Paths of the `split` shards a manifest lists (relative names resolved against `shards_dir`); a listed
+    shard that is missing raises FileNotFoundError. An empty list when the split has no shards."""
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir) if manifest is None else manifest
+    paths = []
+    for entry in manifest["shards"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ValueError(f"{shards_dir / MANIFEST}: shard entry {entry!r} has no 'name'; rebuild the shards")
+        if entry.get("split") != split:
+            continue
+        path = Path(entry["name"]) if Path(entry["name"]).is_absolute() else shards_dir / entry["name"]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"shard {path} listed in {shards_dir / MANIFEST} is missing; copy the whole shard folder or rebuild it"
+            )
+        paths.append(str(path))
+    return paths
+
+
+def shard_urls(data_cfg: DataConfig, split: str) -> list[str]:
+    """Shard URLs of one split: `data.train_urls` / `data.val_urls` when set, else `<shards_dir>/manifest.json`.
+
+    Explicit URLs may be local paths, brace patterns (`/data/train-{000000..000099}.tar`), `pipe:` commands
+    for object stores (`pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -`) or http(s) URLs; several
+    patterns can be joined with `::`.
+    """
+    explicit = {"train": data_cfg.train_urls, "val": data_cfg.val_urls}.get(split, "")
+    if explicit:
+        urls = list(wds.shardlists.expand_urls(explicit))
+        if not urls:
+            raise ValueError(f"data.{split}_urls={explicit!r} expands to no shard URLs")
+        return urls
+    shards_dir = Path(data_cfg.shards_dir)
+    if not (shards_dir / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"no shard manifest at {shards_dir / MANIFEST}: build shards with `ctld-shards build ... --out "
+            f"{shards_dir}`, or set --data.shards_dir to that folder, or list shards with --data.{split}_urls=..."
+        )
+    manifest = read_manifest(shards_dir)
+    if "factor" in manifest and manifest["factor"] != data_cfg.factor:
+        raise ValueError(
+            f"{shards_dir / MANIFEST} was built with factor {manifest['factor']} but data.factor is "
+            f"{data_cfg.factor}: every sample would be skipped; pass --data.factor={manifest['factor']} or rebuild"
+        )
+    urls = manifest_shards(shards_dir, split, manifest)
+    if not urls:
+        raise ValueError(
+            f"{shards_dir / MANIFEST} lists no '{split}' shards (too few patients for shards.val_fraction / "
+            "test_fraction? `ctld-shards inspect` shows the split sizes)"
+        )
+    return urls
+
+
+def manifest_thin_spacing_mm(shards_dir: str | Path) -> float | None:
+    """The median thin slice spacing of a shards folder's samples, or None without a manifest or samples."""
+    try:
+        manifest = read_manifest(shards_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    median = manifest.get("geometry", {}).get("thin_spacing_z_mm", {}).get("median")
+    return float(median) if median is not None else None
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npy_view(data: bytes, name: str) -> np.ndarray:
+    """An int16 (D, H, W) array over the bytes of a .npy file, without copying (np.load would copy)."""
+    header = io.BytesIO(data)
+    version = np.lib.format.read_magic(header)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        raise ValueError(f"{name} is .npy format {version}; expected 1.0 or 2.0 (numpy.save writes those)")
+    shape, fortran_order, dtype = read_header[version](header)
+    if dtype != np.int16 or len(shape) != 3:
+        raise ValueError(f"{name} must be int16 (D, H, W) HU (format_version {FORMAT_VERSION}), got {dtype} {shape}")
+    count = math.prod(shape)
+    if len(data) - header.tell() < count * dtype.itemsize:
+        raise ValueError(f"{name} is truncated: {len(data) - header.tell()} bytes for shape {shape}")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=header.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")

@@ -35,9 +35,10 @@ sys.path.insert(0, str(REPO_ROOT))
 from ctld.config import load_config  # noqa: E402
 from ctld.diffusion import ResidualSpec, build_train_scheduler  # noqa: E402
 from ctld.export import Export  # noqa: E402
-from ctld.inference import CtldPredictor, fit_depth_windows, interpolate_volume, plan_windows  # noqa: E402
+from ctld.inferer import fit_depth_windows, interpolate_volume, plan_windows  # noqa: E402
 from ctld.models.unet import UNet3D  # noqa: E402
 from ctld.models.vae import AutoencoderKL3D  # noqa: E402
+from ctld.predictors import CtldPredictor  # noqa: E402
 
 
 class PeakRSS:

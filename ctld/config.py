@@ -162,7 +162,7 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
-    """`ctld-infer` / `ctld-eval` sliding-window settings (ctld/inference.py); window size comes from the export."""
+    """`ctld-infer` / `ctld-eval` sliding-window settings (ctld/inferer.py); window size comes from the export."""
 
     mode: Literal["regression", "diffusion"] = "regression"  # one pass (conditional mean) or diffusion samples
     sampler: Literal["ddim", "dpm", "ddpm"] = "ddim"

@@ -249,7 +249,7 @@ def _coronal_panel(
 def _make_coronal(out: Path, held: dict, factor: int) -> Path:
     from ctld.baselines import interpolate_z
     from ctld.data.dicom import read_dicom_series
-    from ctld.inference import read_input
+    from ctld.series_io import read_input
 
     predicted = read_dicom_series(out / "infer" / "thin_dicom", strict=True)
     if len(predicted) != 1:

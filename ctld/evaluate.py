@@ -39,19 +39,12 @@ from ctld.data.geometry import AlignmentError, align
 from ctld.data.shards import MANIFEST, iter_samples, manifest_shards
 from ctld.data.transforms import simulate_thick
 from ctld.data.volume import Volume
-from ctld.inference import (
-    CtldPredictor,
-    add_infer_flags,
-    baseline_predictor,
-    fit_depth_windows,
-    infer_config_from,
-    interpolate_volume,
-    pick_device,
-    prior_predictor,
-    vae_predictor,
-)
+from ctld.inference import add_infer_flags, infer_config_from, pick_device
+from ctld.inferer import fit_depth_windows, interpolate_volume
 from ctld.metrics import PROTOCOL, WINDOWS, all_metrics
 from ctld.panels import save_panels
+from ctld.predictors import CtldPredictor, baseline_predictor, prior_predictor, vae_predictor
+from ctld.series_io import read_series
 
 logger = logging.getLogger(__name__)
 
@@ -88,19 +81,6 @@ def _simulated_case(thin: Volume, factor: int, name: str, thick_profile: str = "
     depth = thick.shape[0] * factor
     return Case(name=name, thick_hu=thick, target_hu=thin.hu[:depth], valid=(0, depth),
                 thin_spacing_mm=thin.spacing_mm, direction=thin.direction, thick_source="simulated")
-
-
-def _read_volumes(path: Path, salt: str) -> list[Volume]:
-    from ctld.data.dicom import Policy, read_dicom_series
-    from ctld.data.nifti import is_nifti, read_nifti
-
-    if is_nifti(path):
-        return [read_nifti(path, salt)]
-    # Thick series are short (a 5 mm chest CT of a child: ~30 slices); irregular or tilted series are skipped.
-    volumes = read_dicom_series(path, salt=salt, policy=Policy(min_slices=2))
-    if not volumes:
-        raise ValueError(f"{path}: no readable CT series (see the warnings above for skipped ones)")
-    return volumes
 
 
 def _pair_case(thick: Volume, thin: Volume, factor: int, name: str, where: str) -> Case:
@@ -153,7 +133,7 @@ def load_cases(data: list[str], pairs: list[list[str]], factor: int, salt: str, 
         if path.is_dir() and (path / MANIFEST).is_file():
             cases.extend(_shard_cases(path, factor, salt, len(cases)))
             continue
-        for volume in _read_volumes(path, salt):
+        for volume in read_series(path, salt=salt):
             if volume.spacing_mm[0] > THIN_MAX_SPACING_MM:
                 logger.warning("%s: series %s has %.2f mm slice spacing, not a thin series; left out (use --pair for "
                                "real thick/thin pairs)", path, volume.series_id, volume.spacing_mm[0])
@@ -164,7 +144,7 @@ def load_cases(data: list[str], pairs: list[list[str]], factor: int, salt: str, 
                 continue
             cases.append(_simulated_case(volume, factor, _case_name(volume.series_id, salt, len(cases)), thick_profile))
     for thick_path, thin_path in pairs:
-        thick_volumes, thin_volumes = _read_volumes(Path(thick_path), salt), _read_volumes(Path(thin_path), salt)
+        thick_volumes, thin_volumes = read_series(thick_path, salt=salt), read_series(thin_path, salt=salt)
         if len(thick_volumes) != 1 or len(thin_volumes) != 1:
             raise ValueError(f"--pair {thick_path} {thin_path}: each side must hold exactly one series, got "
                              f"{len(thick_volumes)} and {len(thin_volumes)}")

@@ -8,16 +8,13 @@ import pytest
 import torch
 
 from ctld.baselines import SlabFilter, fit_slab_filter, interpolate_z, interpolation_matrix
+from ctld.data.geometry import check_thick_input
 from ctld.data.transforms import simulate_thick
 from ctld.data.volume import Volume
-from ctld.inference import (
-    baseline_predictor,
-    check_thick_volume,
-    interpolate_volume,
-    main,
-    plan_windows,
-    thin_volume_like,
-)
+from ctld.inference import main
+from ctld.inferer import interpolate_volume, plan_windows
+from ctld.predictors import baseline_predictor
+from ctld.series_io import thin_volume_like
 
 
 def _thick(shape, seed=0) -> np.ndarray:
@@ -149,11 +146,11 @@ def test_inputs_the_model_cannot_handle_are_refused():
     tilted[:, 2] = [0.0, np.sin(np.radians(15)), np.cos(np.radians(15))]
     volume = Volume(_thick((4, 8, 8)), (5.0, 1.0, 1.0), (0, 0, 0), tilted)
     with pytest.raises(ValueError, match=r"series-A.*15\.0 deg"):
-        check_thick_volume(volume, factor=5, thin_spacing_mm=1.0, spacing_tolerance=0.25, name="series-A")
+        check_thick_input(volume, factor=5, thin_spacing_mm=1.0, spacing_tolerance=0.25, name="series-A")
     thin = Volume(_thick((4, 8, 8)), (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3))
     with pytest.raises(ValueError, match=r"series-B.*spacing 1\.000 mm"):
-        check_thick_volume(thin, factor=5, thin_spacing_mm=1.0, spacing_tolerance=0.25, name="series-B")
-    check_thick_volume(thin, factor=5, thin_spacing_mm=1.0, spacing_tolerance=-1, name="series-B")  # forced
+        check_thick_input(thin, factor=5, thin_spacing_mm=1.0, spacing_tolerance=0.25, name="series-B")
+    check_thick_input(thin, factor=5, thin_spacing_mm=1.0, spacing_tolerance=-1, name="series-B")  # forced
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -251,7 +248,7 @@ def test_ctld_infer_refuses_a_real_tilted_series(tmp_path, shared_ct, infer_tiny
 @pytest.mark.gpu
 def test_ctld_predictor_bf16_on_gpu(infer_tiny_export):
     from ctld.export import load_export
-    from ctld.inference import CtldPredictor
+    from ctld.predictors import CtldPredictor
 
     export = load_export(infer_tiny_export, "cuda")
     predictor = CtldPredictor(export, sampler="ddim", num_inference_steps=2, num_samples=2, seed=0, device="cuda")

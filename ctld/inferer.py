@@ -1,0 +1,312 @@
+"""The sliding-window inferer: a whole thick volume through a window predictor, blended into a thin volume.
+
+    thin_hu = interpolate_volume(thick_hu, predictor, factor=5, depth_thick=8, patch_size=192, hu_range=(-1024, 3071))
+
+`interpolate_volume` works in the spirit of MONAI's SlidingWindowInferer; what runs inside a window lives in
+ctld/predictors.py, reading and writing series in ctld/series_io.py, the CLI in ctld/inference.py.
+
+- depth: windows of `depth_thick` thick slices. The `depth_context` slices at each end of a window are context
+  only (their output is dropped), so every thin slice comes from a window that sees `depth_context` thick slices
+  on both sides; the volume is padded at its ends by replicating the edge slice, so the first and last slices
+  get the same context. Neighbouring windows share `depth_overlap` contributing thick slices, blended.
+- in-plane: tiles of `patch_size` pixels overlapping by `inplane_overlap` of a tile; images smaller than a tile
+  are padded with air (-1024 HU).
+- blending: in-plane, Gaussian weights (sigma = 1/8 of the tile, as MONAI) that favour tile centres; in depth,
+  a linear cross-fade over the `depth_overlap` shared slices (a Gaussian would jump from one window to the next
+  within a slice or two of a short overlap). The windows form a grid, so the normaliser is separable (depth
+  profile x in-plane map) and costs no full volume.
+- memory: the output volume is accumulated in place, windows are made batch by batch; nothing else scales
+  with the series length.
+With `predict_fn` = per-window cubic interpolation, the result equals cubic interpolation of the whole volume
+(tests/test_inference.py), which is what makes the stitching trustworthy for the diffusion model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ctld.data.transforms import hu_to_model, model_to_hu
+
+logger = logging.getLogger(__name__)
+
+AIR_HU = -1024.0
+# (B, 1, depth, P, P) float32 window batch -> (B, 1, depth * factor, P, P), in model units or HU (see hu_range).
+# A predictor with a `prior_fn` attribute is also given the matching windows of its prior (B, 1, depth * factor,
+# P, P) as a second argument: the prior is computed once on the whole (padded) volume, so a window's edge slices
+# get the same filter taps as its interior.
+PredictFn = Callable[..., torch.Tensor]
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    """Window starts covering [0, length) with the last window flush with the end (length >= window)."""
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
+
+
+def gaussian_weights(length: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """1D Gaussian blending weights centred on the extent, min-clamped so no pixel gets weight 0 (MONAI)."""
+    centre = (length - 1) / 2.0
+    sigma = max(length * sigma_scale, 1e-3)
+    weights = np.exp(-0.5 * ((np.arange(length) - centre) / sigma) ** 2)
+    weights = weights / weights.max()
+    return np.maximum(weights, 1e-4).astype(np.float32)
+
+
+def crossfade_weights(length: int, overlap: int) -> np.ndarray:
+    """1 in the middle, linear ramps over `overlap` samples at both ends: neighbours that share `overlap` samples
+    cross-fade linearly (their weights sum to 1 there), so no seam appears even when the overlap is a few slices,
+    where a Gaussian would switch from one window to the next within one or two slices."""
+    ramp = np.minimum(np.arange(1, length + 1), np.arange(length, 0, -1)) / (overlap + 1.0)
+    return np.minimum(ramp, 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Where the windows go; everything in padded coordinates unless named `_out`."""
+
+    depth: int  # thick slices of the input
+    height: int
+    width: int
+    factor: int
+    depth_thick: int
+    depth_context: int
+    patch_size: int
+    pad_depth_end: int  # replicated slices added after the `depth_context` ones at the end (short volumes)
+    pad_y: int  # air rows added before the image (in-plane centring of small images)
+    pad_x: int
+    padded_shape: tuple[int, int, int]
+    depth_starts: tuple[int, ...]
+    y_starts: tuple[int, ...]
+    x_starts: tuple[int, ...]
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.depth_starts) * len(self.y_starts) * len(self.x_starts)
+
+
+def plan_windows(
+    shape: tuple[int, int, int],
+    *,
+    factor: int,
+    depth_thick: int,
+    patch_size: int,
+    depth_context: int,
+    depth_overlap: int,
+    inplane_overlap: float,
+) -> WindowPlan:
+    """Lay out the depth windows and in-plane tiles for a thick volume of `shape` (D, H, W)."""
+    depth, height, width = shape
+    if min(shape) < 1:
+        raise ValueError(f"empty volume of shape {shape}")
+    if factor < 1 or depth_thick < 1 or patch_size < 1:
+        raise ValueError(f"factor, depth_thick and patch_size must be >= 1, got {factor}, {depth_thick}, {patch_size}")
+    depth_stride = depth_thick - 2 * depth_context - depth_overlap
+    if depth_context < 0 or depth_overlap < 0 or depth_stride < 1:
+        raise ValueError(
+            f"depth windows of {depth_thick} thick slices cannot keep {depth_context} context slices at each end "
+            f"and share {depth_overlap} with the next window (need depth_thick - 2*depth_context - depth_overlap "
+            f">= 1, got {depth_stride}); lower infer.depth_context or infer.depth_overlap"
+        )
+    if not 0.0 <= inplane_overlap < 1.0:
+        raise ValueError(f"inplane_overlap must be in [0, 1), got {inplane_overlap}")
+    padded_depth = max(depth + 2 * depth_context, depth_thick)
+    pad_depth_end = padded_depth - depth - 2 * depth_context
+    padded_height, padded_width = max(height, patch_size), max(width, patch_size)
+    tile_stride = max(1, int(round(patch_size * (1.0 - inplane_overlap))))
+    return WindowPlan(
+        depth=depth,
+        height=height,
+        width=width,
+        factor=factor,
+        depth_thick=depth_thick,
+        depth_context=depth_context,
+        patch_size=patch_size,
+        pad_depth_end=pad_depth_end,
+        pad_y=(padded_height - height) // 2,
+        pad_x=(padded_width - width) // 2,
+        padded_shape=(padded_depth, padded_height, padded_width),
+        depth_starts=tuple(_starts(padded_depth, depth_thick, depth_stride)),
+        y_starts=tuple(_starts(padded_height, patch_size, tile_stride)),
+        x_starts=tuple(_starts(padded_width, patch_size, tile_stride)),
+    )
+
+
+def _pad(thick_hu: np.ndarray, plan: WindowPlan) -> np.ndarray:
+    """Replicate the edge slices along depth (context for the end slices); air around small images."""
+    _, padded_height, padded_width = plan.padded_shape
+    pad_y_end = padded_height - plan.height - plan.pad_y
+    pad_x_end = padded_width - plan.width - plan.pad_x
+    out = np.pad(thick_hu, ((plan.depth_context, plan.depth_context + plan.pad_depth_end), (0, 0), (0, 0)), mode="edge")
+    if plan.pad_y or pad_y_end or plan.pad_x or pad_x_end:
+        out = np.pad(out, ((0, 0), (plan.pad_y, pad_y_end), (plan.pad_x, pad_x_end)), constant_values=AIR_HU)
+    return out
+
+
+def interpolate_volume(
+    thick_hu: np.ndarray,
+    predict_fn: PredictFn,
+    *,
+    factor: int,
+    depth_thick: int,
+    patch_size: int,
+    hu_range: tuple[float, float] | None,
+    depth_context: int = 2,
+    depth_overlap: int = 1,
+    inplane_overlap: float = 0.25,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """Thin volume from a thick one by sliding `predict_fn` over windows and blending.
+
+    Args:
+        thick_hu: (D, H, W) thick HU, D in increasing position along the slice normal.
+        predict_fn: (B, 1, depth_thick, P, P) float32 on `device` -> (B, 1, depth_thick * factor, P, P); with a
+            `prior_fn` attribute (whole padded thick volume -> its thin-grid prior) it also gets the prior's windows.
+        factor: thin slices per thick slice.
+        depth_thick: thick slices per window (the model's training depth).
+        patch_size: in-plane tile edge P in pixels.
+        hu_range: (hu_min, hu_max): windows go to `predict_fn` in model units [-1, 1] (`hu_to_model`) and its
+            output is mapped back with `model_to_hu`; None: `predict_fn` works in HU directly.
+        depth_context: thick slices at each window end that are context only.
+        depth_overlap: contributing thick slices shared by neighbouring windows (blended).
+        inplane_overlap: fraction of a tile shared with its neighbour.
+        batch_size: windows per `predict_fn` call.
+
+    Returns:
+        (D * factor, H, W) float32 thin HU on the grid of DESIGN.md (thin slice m of slab k = m // factor).
+    """
+    thick_hu = np.asarray(thick_hu)
+    if thick_hu.ndim != 3:
+        raise ValueError(f"interpolate_volume needs a (D, H, W) thick volume, got shape {thick_hu.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    plan = plan_windows(
+        thick_hu.shape,
+        factor=factor,
+        depth_thick=depth_thick,
+        patch_size=patch_size,
+        depth_context=depth_context,
+        depth_overlap=depth_overlap,
+        inplane_overlap=inplane_overlap,
+    )
+    padded = _pad(thick_hu, plan)
+    prior_fn = getattr(predict_fn, "prior_fn", None)
+    prior_volume = None
+    if prior_fn is not None:  # (D_pad * factor, H_pad, W_pad), in the predictor's units
+        whole = hu_to_model(padded, *hu_range) if hu_range is not None else padded.astype(np.float32)
+        prior_volume = np.asarray(prior_fn(whole), dtype=np.float32)
+    thin_depth = plan.depth * factor
+    # Accumulate where the model runs: on a GPU this avoids a host round trip per window (the whole thin volume,
+    # 300x512x512 float32 = 0.3 GB, is small next to the models' activations).
+    out = torch.zeros((thin_depth, plan.height, plan.width), dtype=torch.float32, device=device)
+
+    # Each window contributes thin slices [context*f, (depth_thick - context)*f) of its output.
+    keep_lo, keep_hi = depth_context * factor, (depth_thick - depth_context) * factor
+    depth_weights = torch.from_numpy(crossfade_weights(keep_hi - keep_lo, depth_overlap * factor))
+    tile_weights_1d = gaussian_weights(patch_size)
+    tile_weights = torch.from_numpy(np.outer(tile_weights_1d, tile_weights_1d))
+    depth_weights_dev, tile_weights_dev = depth_weights.to(device), tile_weights.to(device)
+
+    # Separable normaliser: the windows form a grid (depth starts x tile starts).
+    depth_norm = torch.zeros(thin_depth, dtype=torch.float64)
+    for start in plan.depth_starts:
+        lo, hi, src_lo, _ = _depth_span(start, plan, keep_lo, keep_hi)
+        if hi > lo:
+            depth_norm[lo:hi] += depth_weights[src_lo : src_lo + hi - lo].double()
+    plane_norm = torch.zeros(plan.padded_shape[1:], dtype=torch.float64)
+    for y0 in plan.y_starts:
+        for x0 in plan.x_starts:
+            plane_norm[y0 : y0 + patch_size, x0 : x0 + patch_size] += tile_weights.double()
+    plane_norm = plane_norm[plan.pad_y : plan.pad_y + plan.height, plan.pad_x : plan.pad_x + plan.width]
+    assert bool((depth_norm > 0).all()) and bool((plane_norm > 0).all()), "windows leave a gap"
+
+    windows = [(d0, y0, x0) for d0 in plan.depth_starts for y0 in plan.y_starts for x0 in plan.x_starts]
+    logger.info(
+        "%d thick slices %dx%d -> %d thin: %d depth windows x %d tiles = %d windows, batch %d",
+        plan.depth, plan.height, plan.width, thin_depth, len(plan.depth_starts),
+        len(plan.y_starts) * len(plan.x_starts), len(windows), batch_size,
+    )
+    with tqdm(total=len(windows), desc="windows", unit="win", disable=not progress) as bar:
+        for batch_windows in _batches(windows, batch_size):
+            batch = np.stack(
+                [padded[d0 : d0 + depth_thick, y0 : y0 + patch_size, x0 : x0 + patch_size] for d0, y0, x0 in
+                 batch_windows]
+            )[:, None]  # (B, 1, depth_thick, P, P)
+            thick = torch.from_numpy(batch.astype(np.float32)).to(device)
+            if hu_range is not None:
+                thick = hu_to_model(thick, *hu_range)
+            with torch.no_grad():
+                if prior_volume is None:
+                    pred = predict_fn(thick)
+                else:
+                    prior = np.stack([prior_volume[d0 * factor : (d0 + depth_thick) * factor, y0 : y0 + patch_size,
+                                                   x0 : x0 + patch_size] for d0, y0, x0 in batch_windows])[:, None]
+                    pred = predict_fn(thick, torch.from_numpy(prior).to(device))
+            expected = (len(batch_windows), 1, depth_thick * factor, patch_size, patch_size)
+            if tuple(pred.shape) != expected:
+                raise RuntimeError(f"predict_fn returned shape {tuple(pred.shape)}, expected {expected}")
+            pred = pred.float().to(device)
+            if hu_range is not None:
+                pred = model_to_hu(pred, *hu_range)
+            for (d0, y0, x0), window in zip(batch_windows, pred[:, 0], strict=True):
+                _accumulate(out, window, (d0, y0, x0), plan, keep_lo, keep_hi, depth_weights_dev, tile_weights_dev)
+            bar.update(len(batch_windows))
+    out /= depth_norm.float().to(device)[:, None, None]
+    out /= plane_norm.float().to(device)[None]
+    return out.cpu().numpy()
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _depth_span(start: int, plan: WindowPlan, keep_lo: int, keep_hi: int) -> tuple[int, int, int, int]:
+    """Output thin rows [lo, hi) written by the window starting at padded thick slice `start`, and the window's
+    rows [src_lo, src_lo + hi - lo) (relative to its kept part) that land there."""
+    thin_depth = plan.depth * plan.factor
+    first = (start - plan.depth_context) * plan.factor + keep_lo  # output thin index of the first kept row
+    lo, hi = max(first, 0), min(first + keep_hi - keep_lo, thin_depth)
+    return lo, hi, lo - first, keep_lo + lo - first
+
+
+def _accumulate(out, window, origin, plan, keep_lo, keep_hi, depth_weights, tile_weights) -> None:
+    d0, y0, x0 = origin
+    lo, hi, src_lo, row_lo = _depth_span(d0, plan, keep_lo, keep_hi)
+    if hi <= lo:
+        return
+    # In-plane: crop the air padding.
+    oy0, ox0 = y0 - plan.pad_y, x0 - plan.pad_x
+    ys, xs = max(oy0, 0), max(ox0, 0)
+    ye, xe = min(oy0 + plan.patch_size, plan.height), min(ox0 + plan.patch_size, plan.width)
+    if ye <= ys or xe <= xs:
+        return
+    rows = window[row_lo : row_lo + hi - lo, ys - oy0 : ye - oy0, xs - ox0 : xe - ox0]
+    weights = depth_weights[src_lo : src_lo + hi - lo, None, None] * tile_weights[None, ys - oy0 : ye - oy0,
+                                                                                  xs - ox0 : xe - ox0]
+    out[lo:hi, ys:ye, xs:xe] += rows * weights
+
+
+def fit_depth_windows(depth_thick: int, depth_context: int, depth_overlap: int) -> tuple[int, int]:
+    """Shrink overlap, then context, until a window of `depth_thick` keeps >= 1 contributing slice per step (tiny
+    models train on 2-slice windows); warns when it changes the settings."""
+    context, overlap = depth_context, depth_overlap
+    while depth_thick - 2 * context - overlap < 1 and overlap > 0:
+        overlap -= 1
+    while depth_thick - 2 * context - overlap < 1 and context > 0:
+        context -= 1
+    if (context, overlap) != (depth_context, depth_overlap):
+        logger.warning(
+            "windows of %d thick slices cannot hold depth_context=%d and depth_overlap=%d; using %d and %d",
+            depth_thick, depth_context, depth_overlap, context, overlap,
+        )
+    return context, overlap

@@ -206,49 +206,10 @@ def _held_out_from_shards(shards_dir: Path, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------------- pictures
 
 
-def _coronal_panel(
-    path: Path,
-    columns: list[tuple[str, np.ndarray]],
-    *,
-    spacing_mm,
-    row: int,
-    reference: str,
-    error_of: str,
-    tile_width: int = 192,
-) -> Path:
-    """One coronal cut per column (superior up, physical aspect), in a lung and a mediastinal window, plus
-    |error_of - reference| in HU (0-200, black to white)."""
-    from PIL import Image, ImageDraw
-
-    from ctld.data.transforms import window_to_unit
-
-    named = dict(columns)
-    entries = list(columns) + [(f"|{error_of}-{reference}|", np.abs(named[error_of] - named[reference]))]
-    depth, _, width = columns[0][1].shape
-    height = max(1, int(round(tile_width * depth * spacing_mm[0] / (width * spacing_mm[2]))))
-    label = 13
-    windows = ((-1000.0, 400.0), (-160.0, 240.0))
-    canvas = Image.new("L", (tile_width * len(entries), (label + height) * len(windows)), 0)
-    draw = ImageDraw.Draw(canvas)
-    for r, (lo, hi) in enumerate(windows):
-        top = r * (label + height)
-        for c, (name, volume) in enumerate(entries):
-            cut = volume[::-1, row, :].astype(np.float32)  # (D, W), superior at the top
-            unit = np.clip(cut / 200.0, 0, 1) if name.startswith("|") else window_to_unit(cut, lo, hi)
-            image = Image.fromarray((unit * 255).astype(np.uint8), "L").resize((tile_width, height), Image.BILINEAR)
-            canvas.paste(image, (c * tile_width, top + label))
-            text = name if name.startswith("|") else f"{name} [{lo:g},{hi:g}]" if c == 0 else name
-            draw.text((c * tile_width + 3, top + 1), text, fill=255)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    canvas.save(tmp, format="PNG", optimize=True)
-    tmp.replace(path)
-    return path
-
-
 def _make_coronal(out: Path, held: dict, factor: int) -> Path:
     from ctld.baselines import interpolate_z
     from ctld.data.dicom import read_dicom_series
+    from ctld.panels import save_panels
     from ctld.series_io import read_input
 
     predicted = read_dicom_series(out / "infer" / "thin_dicom", strict=True)
@@ -272,14 +233,9 @@ def _make_coronal(out: Path, held: dict, factor: int) -> Path:
         ("ctld", prediction[:depth]),
         ("thin 1 mm", target[:depth]),
     ]
-    return _coronal_panel(
-        out / "coronal.png",
-        columns,
-        spacing_mm=predicted[0].spacing_mm,
-        row=row,
-        reference="thin 1 mm",
-        error_of="ctld",
-    )
+    return save_panels(out / "coronal.png", columns, spacing_mm=predicted[0].spacing_mm,
+                       direction=predicted[0].direction, views=("coronal",), windows=("lung", "soft_tissue"),
+                       index={"coronal": row}, error_of="ctld", reference="thin 1 mm", tile=192)
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -37,11 +37,11 @@ from ctld.baselines import METHODS, SlabFilter, interpolate_z
 from ctld.config import DataConfig
 from ctld.data.geometry import AlignmentError, align
 from ctld.data.shards import MANIFEST, iter_samples, manifest_shards
-from ctld.data.transforms import simulate_thick
+from ctld.data.transforms import HU_WINDOWS, simulate_thick
 from ctld.data.volume import Volume
 from ctld.inference import add_infer_flags, infer_config_from, pick_device
 from ctld.inferer import fit_depth_windows, interpolate_volume
-from ctld.metrics import PROTOCOL, WINDOWS, all_metrics
+from ctld.metrics import PROTOCOL, all_metrics
 from ctld.panels import save_panels
 from ctld.predictors import CtldPredictor, baseline_predictor, prior_predictor, vae_predictor
 from ctld.series_io import read_series
@@ -183,7 +183,7 @@ def _table(rows: dict[str, dict[str, float]], keys=METRIC_KEYS) -> list[str]:
 
 
 def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, depth_thick: int, patch_size: int,
-                           cfg, device, out: Path, progress: bool, panel_window: tuple[float, float],
+                           cfg, device, out: Path, progress: bool, panel_window: str,
                            slab_filter: SlabFilter | None = None) -> dict:
     """Score the baselines (nearest, linear, cubic and, when given, the slab filter fitted on the training split)
     and every model of `models` ({name: (predict_fn, hu_range)}, run through the windowed engine) on every case;
@@ -215,7 +215,7 @@ def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, dept
             columns.append(("slab_filter", predictions["slab_filter"][lo:hi]))
         columns += [(name, predictions[name][lo:hi]) for name in models] + [("target", target)]
         save_panels(out / "panels" / f"{case.name}.png", columns, spacing_mm=case.thin_spacing_mm,
-                    direction=case.direction, window=panel_window, error_of=shown, reference="target")
+                    direction=case.direction, windows=(panel_window,), error_of=shown, reference="target")
         logger.info("%s: %s", case.name, {m: round(v["psnr_soft_tissue"], 2) for m, v in metrics.items()})
     return {
         "cases": [
@@ -229,7 +229,7 @@ def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, dept
 
 
 def evaluate_vae(cases: list[Case], vae, *, factor: int, depth_thick: int, patch_size: int, hu_range, cfg, device,
-                 out: Path, progress: bool, panel_window: tuple[float, float]) -> dict:
+                 out: Path, progress: bool, panel_window: str) -> dict:
     """encode -> decode of the thin target and of the thick input, through the same windowed engine."""
     predict = vae_predictor(vae, device)
     per_case = []
@@ -248,7 +248,7 @@ def evaluate_vae(cases: list[Case], vae, *, factor: int, depth_thick: int, patch
             metrics[f"vae_{kind}"] = all_metrics(recon[kind], volume, rplhr=True)
         per_case.append(metrics)
         save_panels(out / "panels" / f"{case.name}.png", [("thin", case.target_hu[lo:hi]), ("vae", recon["thin"])],
-                    spacing_mm=case.thin_spacing_mm, direction=case.direction, window=panel_window,
+                    spacing_mm=case.thin_spacing_mm, direction=case.direction, windows=(panel_window,),
                     error_of="vae", reference="thin")
     return {
         "cases": [{"case": c.name, "thick_source": c.thick_source, "panel": f"panels/{c.name}.png", "metrics": m}
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth_thick", type=int, default=None, help="without an export: thick slices per window")
     parser.add_argument("--patch_size", type=int, default=None, help="without an export: in-plane tile size")
     parser.add_argument("--max_cases", type=int, default=0, help="evaluate at most this many cases (0 = all)")
-    parser.add_argument("--panel_window", choices=sorted(WINDOWS), default="soft_tissue", help="HU window of panels")
+    parser.add_argument("--panel_window", choices=sorted(HU_WINDOWS), default="soft_tissue", help="HU window of panels")
     add_infer_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         common = dict(factor=factor, depth_thick=depth_thick, patch_size=patch_size, cfg=cfg, device=device,
-                      out=out, progress=not args.no_progress, panel_window=WINDOWS[args.panel_window])
+                      out=out, progress=not args.no_progress, panel_window=args.panel_window)
         settings = {"factor": factor, "depth_thick": depth_thick, "patch_size": patch_size,
                     "hu_range": list(hu_range), "device": str(device), "thick_profile": thick_profile, **vars(cfg)}
         if args.vae:

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from ctld.data.transforms import window_to_unit
+from ctld.data.transforms import HU_WINDOWS, window_to_unit
 
-# (lo, hi) HU. "wide" keeps air to dense bone; "soft_tissue" is center 40, width 400 (the seed's window).
-WINDOWS: dict[str, tuple[float, float]] = {"wide": (-1024.0, 2048.0), "soft_tissue": (-160.0, 240.0)}
+# The windows every metric is reported in (ctld.data.transforms.HU_WINDOWS holds their HU ranges).
+WINDOWS: dict[str, tuple[float, float]] = {name: HU_WINDOWS[name] for name in ("wide", "soft_tissue")}
 PSNR_CAP_DB = 100.0
 
 RPLHR_WINDOW = (-1024.0, 2048.0)

@@ -61,10 +61,9 @@ from ctld.data.loader import iter_covered_pairs, make_patch_loader
 from ctld.data.shards import manifest_thin_spacing_mm, shard_urls
 from ctld.diffusion import ResidualSpec, build_sampler, build_train_scheduler, encode_latents, residual_loss
 from ctld.export import load_export, save_export
-from ctld.metrics import WINDOWS
 from ctld.models.unet import UNet3D
 from ctld.models.vae import AutoencoderKL3D
-from ctld.tracking import make_panel
+from ctld.panels import render_panel
 from ctld.validation import validate_diffusion, validate_vae
 
 logger = get_logger(__name__)
@@ -423,27 +422,27 @@ def _validate(accelerator: Accelerator, cfg: Config, *, model, frozen_vae, sampl
         if cfg.train.stage == "vae":
             metrics, columns = validate_vae(model, batches, hu_min=cfg.data.hu_min, hu_max=cfg.data.hu_max,
                                             factor=cfg.data.factor, device=accelerator.device, dtype=model_dtype)
-            depth_repeats = [cfg.data.factor, cfg.data.factor, 1, 1]
-            caption = "thick | reconstruction | thin | reconstruction"
+            labels = ["thick", "thick recon", "thin", "thin recon"]
         else:
             with _ema_weights(accelerator, model, ema):
                 metrics, columns = validate_diffusion(
                     model, frozen_vae, sampler, spec, batches, hu_min=cfg.data.hu_min, hu_max=cfg.data.hu_max,
                     num_inference_steps=cfg.diffusion.num_inference_steps,
                     seed=VAL_SEED + accelerator.process_index, device=accelerator.device)
-            depth_repeats = [cfg.data.factor, 1, 1, 1, 1]
-            caption = "thick input | regression (EMA) | diffusion sample (EMA) | cubic | target"
+            labels = ["thick", "regression (EMA)", "diffusion (EMA)", "cubic", "target"]
     names = sorted(metrics)
     values = accelerator.reduce(torch.tensor([metrics[n] for n in names], device=accelerator.device), "mean")
     if log_metrics:
         accelerator.log({f"val/{n}": float(v) for n, v in zip(names, values.tolist())}, step=step)
     if log_images and accelerator.is_main_process:
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        # Thick columns repeated onto the thin grid; patches carry no spacing, so voxels are drawn square.
+        thin_depth = max(len(c) for c in columns)
+        named = [(label, np.repeat(c, thin_depth // len(c), axis=0)) for label, c in zip(labels, columns, strict=True)]
         for window_name in ("soft_tissue", "wide"):
-            panel = make_panel(columns, depth_repeats=depth_repeats, window=WINDOWS[window_name])
-            # Axial mid-slices on top, coronal mid-planes below; columns as in `caption`.
-            writer.add_image(f"panels/{window_name}", panel, global_step=step, dataformats="HW")
-        writer.add_text("panels/columns", caption, global_step=step)
+            panel = render_panel(named, spacing_mm=(1.0, 1.0, 1.0), views=("axial", "coronal"),
+                                 windows=(window_name,), tile=columns[0].shape[-1])
+            writer.add_image(f"panels/{window_name}", panel, global_step=step, dataformats="HWC")
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ctld.checkpointing import CHECKPOINT_PREFIX, TRAINER_STATE, list_checkpoints, resolve_resume
-from ctld.tracking import make_panel
+from ctld.panels import LABEL_HEIGHT_PX, render_panel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = str(REPO_ROOT / "configs" / "tiny.yaml")
@@ -176,7 +176,8 @@ def test_ddp_two_processes(stage, tmp_path, shards_dir_overrides, request):
     assert PANELS <= set(events.Tags()["images"])
     panel = events.Images("panels/soft_tissue")[-1]
     columns = 4 if stage == "vae" else 5  # thick | regression | diffusion | cubic | target for the U-Net
-    assert panel.step == 4 and panel.width == columns * 16 + (columns - 1) * 2 and panel.height == 16 + 2 + 2 * 5
+    # One 16-pixel tile per column; rows: axial (16x16), coronal (2 thick slices x 5 = 10 thin rows), each labelled.
+    assert panel.step == 4 and panel.width == columns * 16 and panel.height == 2 * LABEL_HEIGHT_PX + 16 + 2 * 5
     if stage == "diffusion":
         psnr_cubic = events.Scalars("val/cubic_psnr_soft_tissue")[-1].value
         assert 5.0 < psnr_cubic < 100.0  # cubic of the synthetic phantom: a real number, not a cap or a NaN
@@ -338,15 +339,19 @@ def test_list_checkpoints_skips_incomplete_folders(tmp_path):
         resolve_resume(tmp_path, str(root / "checkpoint-30"))
 
 
-def test_make_panel_puts_axial_over_coronal_and_repeats_thick_slices():
+def test_render_panel_rows_columns_orientation_and_error():
+    """Rows are (window, view), columns the images plus the error; coronal cuts put the superior end on top."""
     factor = 5
     thick = np.full((2, 16, 16), 40.0)
-    thick[1] = 240.0  # second thick slice: white in the soft-tissue window
+    thick[1] = 240.0  # the second (more superior, LPS +z) thick slice: white in the soft-tissue window
     thin = np.full((10, 16, 16), -1000.0)  # black
-    panel = make_panel([thick, thin], depth_repeats=[factor, 1], window=(-160.0, 240.0))
-    assert panel.shape == (16 + 2 + 10, 16 + 2 + 16)
-    coronal_thick = panel[18:, :16]
-    assert np.allclose(coronal_thick[:5], 0.5) and np.allclose(coronal_thick[5:], 1.0)
-    assert np.allclose(panel[18:, 18:], 0.0)
-    with pytest.raises(ValueError, match="same thin-depth shape"):
-        make_panel([thick, thin], depth_repeats=[1, 1], window=(-160.0, 240.0))
+    columns = [("thick", np.repeat(thick, factor, axis=0)), ("thin", thin)]
+    panel = render_panel(columns, spacing_mm=(1.0, 1.0, 1.0), views=("axial", "coronal"), windows=("soft_tissue",),
+                         error_of="thick", reference="thin", tile=16)
+    assert panel.shape == (2 * LABEL_HEIGHT_PX + 16 + 10, 3 * 16, 3) and panel.dtype == np.uint8
+    coronal = panel[2 * LABEL_HEIGHT_PX + 16 :, :, 0].astype(float) / 255
+    assert np.allclose(coronal[:5, :16], 1.0, atol=0.01) and np.allclose(coronal[5:, :16], 0.5, atol=0.01)
+    assert np.allclose(coronal[:, 16:32], 0.0)  # thin: -1000 HU is black
+    assert coronal[:, 32:].min() > 0.9  # |error| >= 1040 HU: saturated in the hot colour map (red channel)
+    with pytest.raises(ValueError, match="expected one"):
+        render_panel([("thick", thick), ("thin", thin)], spacing_mm=(1.0, 1.0, 1.0))

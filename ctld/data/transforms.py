@@ -35,6 +35,15 @@ def hu_to_int16(hu: ArrayLike) -> np.ndarray:
     return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
 
 
+# The HU windows (lo, hi) of metrics and pictures, in one table. "wide" keeps air to dense bone; "soft_tissue" is
+# centre 40, width 400 (mediastinum); "lung" is centre -300, width 1400.
+HU_WINDOWS: dict[str, tuple[float, float]] = {
+    "wide": (-1024.0, 2048.0),
+    "soft_tissue": (-160.0, 240.0),
+    "lung": (-1000.0, 400.0),
+}
+
+
 def window_to_unit(hu: ArrayLike, lo: float, hi: float) -> ArrayLike:
     """HU -> [0, 1] in the window [lo, hi] (metrics and pictures; DESIGN.md, Intensities)."""
     if isinstance(hu, torch.Tensor):

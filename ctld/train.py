@@ -29,54 +29,48 @@ A SIGTERM checkpoint at step M resumes with a fresh stream keyed by M (no sample
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import importlib.metadata
-import itertools
 import json
 import logging
-import math
-import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DummyOptim, DummyScheduler, InitProcessGroupKwargs, ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ctld.baselines import SlabFilter, fit_slab_filter
+from ctld.calibration import estimate_residual_scale, estimate_scaling_factor, fit_slab_filter_on_shards
 from ctld.checkpointing import StopRequest, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from ctld.config import Config, flatten_config, load_config, save_config
-from ctld.data.loader import iter_covered_pairs, make_patch_loader
+from ctld.config import Config, check, flatten_config, load_config, save_config
+from ctld.data.loader import TrainStream
 from ctld.data.shards import manifest_thin_spacing_mm, shard_urls
 from ctld.diffusion import ResidualSpec, build_sampler, build_train_scheduler, encode_latents, residual_loss
+from ctld.distributed import (
+    configure_deepspeed,
+    optimizer_and_lr_scheduler,
+    process_group_kwargs,
+    resolve_mixed_precision,
+    zero_stage,
+)
 from ctld.export import load_export, save_export
 from ctld.models.unet import UNet3D
 from ctld.models.vae import AutoencoderKL3D
-from ctld.panels import render_panel
-from ctld.validation import validate_diffusion, validate_vae
+from ctld.run_info import LogMeter, git_commit, log_run_start, run_info
+from ctld.validation import validate
 
 logger = get_logger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-VAL_SEED = 1_000_003  # validation patches and sampling noise: fixed, so validations differ only by the weights
-PACKAGES = ("torch", "accelerate", "deepspeed", "diffusers", "webdataset", "pydicom", "numpy", "ctld")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    _check_config(cfg)
+    check(cfg)
     train(cfg)
 
 
@@ -86,10 +80,10 @@ def train(cfg: Config) -> None:
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        mixed_precision=_resolve_mixed_precision(cfg.train.mixed_precision),
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
-        kwargs_handlers=_process_group_kwargs(),
+        kwargs_handlers=process_group_kwargs(),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(cfg.train.seed, device_specific=True)  # device_specific: each rank draws different noise
@@ -97,37 +91,16 @@ def train(cfg: Config) -> None:
         torch.backends.cudnn.benchmark = True  # fixed patch shapes: let cuDNN pick the fastest conv kernels
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    _configure_deepspeed(accelerator, cfg)
+    configure_deepspeed(accelerator, cfg)
     device = accelerator.device
     stage = cfg.train.stage
 
-    # ---- models: the one being trained goes through `prepare`; the frozen VAE (diffusion stage) does not ----
-    frozen_vae = noise_scheduler = sampler = spec = None
-    if stage == "vae":
-        model = AutoencoderKL3D(**asdict(cfg.vae))
-    else:
-        frozen_vae = _load_frozen_vae(cfg, device, accelerator.mixed_precision)
-        model = UNet3D(latent_channels=frozen_vae.latent_channels, factor=cfg.data.factor, **asdict(cfg.unet))
-        noise_scheduler = build_train_scheduler(cfg.diffusion)
-        sampler = build_sampler(cfg.diffusion.sampler, noise_scheduler.config)
-        # A closed-form fit on the first training volumes: every rank and every launch gets the same filter.
-        slab_filter = _fit_slab_filter(cfg)
-        # residual_scale is set after resume: a resumed run keeps the checkpoint's value (below).
-        spec = ResidualSpec(prior=cfg.diffusion.prior, factor=cfg.data.factor, residual_scale=1.0,
-                            strength=cfg.diffusion.strength, num_train_timesteps=cfg.diffusion.num_train_timesteps,
-                            slab_filter=slab_filter)
-    # EMA of the U-Net in fp32 (bf16 cannot hold updates of 1e-4 relative size), created before `prepare`
-    # casts the model. Saved and restored with each checkpoint (ctld.checkpointing).
-    # foreach: one fused update (and under ZeRO-3 one gather of all parameters instead of one per tensor).
-    ema = (EMAModel(model.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup,
-                    power=2 / 3, foreach=True) if stage == "diffusion" else None)
-    if ema is not None:
-        ema.to(device=device, dtype=torch.float32)
-
-    optimizer, lr_scheduler = _optimizer_and_lr_scheduler(accelerator, model, cfg)
+    # The model being trained goes through `prepare`; the frozen VAE (diffusion stage) does not.
+    model, frozen_vae, noise_scheduler, sampler, spec, ema = _build_models(cfg, device, accelerator.mixed_precision)
+    optimizer, lr_scheduler = optimizer_and_lr_scheduler(accelerator, model, cfg)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     model_dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed bf16: inputs are cast to it
-    if ema is not None and _zero_stage(accelerator) == 3:
+    if ema is not None and zero_stage(accelerator) == 3:
         # diffusers.training_utils imports deepspeed only when ZeRO-3 is already on at ITS import time, which is
         # before our Accelerator exists; EMAModel.step then fails with "name 'deepspeed' is not defined".
         import deepspeed
@@ -135,12 +108,11 @@ def train(cfg: Config) -> None:
 
         diffusers.training_utils.deepspeed = deepspeed
 
-    # ---- resume: model, optimizer, LR scheduler, RNG (accelerate), EMA and counters (ctld.checkpointing) ----
-    step, skipped_steps = 0, 0
+    # Resume: model, optimizer, LR scheduler, RNG (accelerate), EMA and counters (ctld.checkpointing).
     resume_from = resolve_resume(run_dir, cfg.train.resume)
+    state = load_checkpoint(accelerator, resume_from, ema=ema) if resume_from is not None else {}
+    step, skipped_steps = int(state.get("step", 0)), int(state.get("skipped_steps", 0))
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, ema=ema)
-        step, skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
         logger.info(f"resumed from {resume_from} at step {step}")
         newer = [path.name for saved_step, path in list_checkpoints(run_dir) if saved_step > step]
         if newer:
@@ -153,23 +125,22 @@ def train(cfg: Config) -> None:
     if spec is not None:
         # The residual's scale: saved with every checkpoint, so a resumed run trains against the same target even
         # when it runs on another number of processes (a new measurement would differ slightly).
-        if resume_from is not None and "residual_scale" in state:
+        if "residual_scale" in state:
             residual_scale = float(state["residual_scale"])
         else:
-            residual_scale = cfg.diffusion.residual_scale or _estimate_residual_scale(accelerator, frozen_vae, spec,
-                                                                                     cfg)
+            residual_scale = cfg.diffusion.residual_scale or estimate_residual_scale(accelerator, frozen_vae, spec, cfg)
         spec = dataclasses.replace(spec, residual_scale=residual_scale)
 
-    run_info = _run_info(cfg, accelerator, frozen_vae, resume_from, step, last_step)
+    info = run_info(cfg, accelerator, frozen_vae, resume_from, step, last_step)
     if spec is not None:
-        run_info["residual_scale"] = spec.residual_scale
+        info["residual_scale"] = spec.residual_scale
     if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml", extra=run_info)
+        save_config(cfg, run_dir / "config.yaml", extra=info)
     accelerator.init_trackers("tb", config=flatten_config(cfg))
-    _log_start(cfg, run_info)
+    log_run_start(info)
 
-    # ---- data: never through `prepare` (STACK.md); each rank reads its own shards ----
-    train_stream = _TrainStream(shard_urls(cfg.data, "train"), cfg, accelerator)
+    # Data: never through `prepare` (it would split the rank's stream again); each rank reads its own shards.
+    train_stream = TrainStream(shard_urls(cfg.data, "train"), cfg, accelerator)
     train_stream.open(step)
     try:
         val_urls = shard_urls(cfg.data, "val")
@@ -178,16 +149,16 @@ def train(cfg: Config) -> None:
         val_urls = []
 
     nonfinite_in_row = 0
-    window = _Window(device)
+    meter = LogMeter(device)
     progress = tqdm(total=last_step, initial=step, desc=f"{stage} steps", disable=not accelerator.is_local_main_process)
     model.train()
-    window_bad = False  # a non-finite loss in this accumulation window: drop the whole optimizer step
+    accumulation_bad = False  # a non-finite loss in this accumulation window: drop the whole optimizer step
     micro_step = step * accelerator.gradient_accumulation_steps
     stopped_by = ""
     while step < last_step:
         data_start = time.perf_counter()
         batch = train_stream.next(step)
-        window.data_seconds += time.perf_counter() - data_start
+        meter.data_seconds += time.perf_counter() - data_start
 
         with accelerator.accumulate(model):
             if stage == "vae":
@@ -203,25 +174,25 @@ def train(cfg: Config) -> None:
             finite = bool(flags[0].item() == 0)  # note: a CPU-GPU sync point
             if finite:
                 accelerator.backward(loss)
-                window.add_loss(loss.detach())
+                meter.add_loss(loss.detach())
             else:
-                window_bad = True
+                accumulation_bad = True
             grad_norm = None
-            if accelerator.sync_gradients and not window_bad:
+            if accelerator.sync_gradients and not accumulation_bad:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         micro_step += 1
-        window.micro_batches += 1
+        meter.micro_batches += 1
         if not accelerator.sync_gradients:
             continue
 
         # ---- one optimizer step done (or skipped) ----
         stop_now = bool(flags[1].item() > 0)
-        stepped = not window_bad
-        if window_bad:
-            window_bad = False
+        stepped = not accumulation_bad
+        if accumulation_bad:
+            accumulation_bad = False
             skipped_steps += 1
             nonfinite_in_row += 1
             logger.warning(f"non-finite loss at step {step}: optimizer step skipped ({nonfinite_in_row} in a row)")
@@ -238,22 +209,22 @@ def train(cfg: Config) -> None:
             if ema is not None:
                 ema.step(accelerator.unwrap_model(model).parameters())
             if grad_norm is not None:
-                window.add_grad_norm(grad_norm)
+                meter.add_grad_norm(grad_norm)
 
         if stepped and step % cfg.train.log_every == 0:
-            scalars = window.summary(accelerator, cfg.data.batch_size)
+            scalars = meter.summary(accelerator, cfg.data.batch_size)
             scalars.update({"lr": lr_scheduler.get_last_lr()[0], "train/skipped_steps": skipped_steps})
             accelerator.log(scalars, step=step)
             progress.set_postfix(loss=f"{scalars['train/loss']:.4g}")
             logger.info(f"step {step}/{cfg.train.max_steps} loss {scalars['train/loss']:.4g} lr {scalars['lr']:.3g} "
                         f"{scalars['train/samples_per_s']:.2f} samples/s, data wait "
                         f"{scalars['train/data_wait_fraction']:.0%}")
-            window = _Window(device)
+            meter = LogMeter(device)
 
         val_due = stepped and step % cfg.train.val_every == 0
         images_due = stepped and step % cfg.train.image_every == 0
         if (val_due or images_due) and val_urls:
-            _validate(accelerator, cfg, model=model, frozen_vae=frozen_vae, sampler=sampler, spec=spec, ema=ema,
+            validate(accelerator, cfg, model=model, frozen_vae=frozen_vae, sampler=sampler, spec=spec, ema=ema,
                       val_urls=val_urls, step=step, model_dtype=model_dtype, log_metrics=val_due,
                       log_images=images_due)
             model.train()
@@ -285,8 +256,31 @@ def train(cfg: Config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Losses
+# Models and losses
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _build_models(cfg: Config, device: torch.device, mixed_precision: str):
+    """(model to train, frozen VAE, noise scheduler, sampler, ResidualSpec, EMA); the last five are None for the
+    VAE stage."""
+    if cfg.train.stage == "vae":
+        return AutoencoderKL3D(**asdict(cfg.vae)), None, None, None, None, None
+    frozen_vae = _load_frozen_vae(cfg, device, mixed_precision)
+    unet = UNet3D(latent_channels=frozen_vae.latent_channels, factor=cfg.data.factor, **asdict(cfg.unet))
+    noise_scheduler = build_train_scheduler(cfg.diffusion)
+    sampler = build_sampler(cfg.diffusion.sampler, noise_scheduler.config)
+    # A closed-form fit on the first training volumes: every rank and every launch gets the same filter.
+    # residual_scale is set after resume: a resumed run keeps the checkpoint's value.
+    spec = ResidualSpec(prior=cfg.diffusion.prior, factor=cfg.data.factor, residual_scale=1.0,
+                        strength=cfg.diffusion.strength, num_train_timesteps=cfg.diffusion.num_train_timesteps,
+                        slab_filter=fit_slab_filter_on_shards(cfg))
+    # EMA of the U-Net in fp32 (bf16 cannot hold updates of 1e-4 relative size), created before `prepare`
+    # casts the model. Saved and restored with each checkpoint (ctld.checkpointing).
+    # foreach: one fused update (and under ZeRO-3 one gather of all parameters instead of one per tensor).
+    ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup, power=2 / 3,
+                   foreach=True)
+    ema.to(device=device, dtype=torch.float32)
+    return unet, frozen_vae, noise_scheduler, sampler, spec, ema
 
 
 def _vae_loss(vae, batch, cfg: Config, micro_step: int, rank: int, dtype, device) -> torch.Tensor:
@@ -316,172 +310,26 @@ def _unet_loss(unet, vae, noise_scheduler, spec: ResidualSpec, batch, cfg: Confi
                          min_snr_gamma=cfg.diffusion.min_snr_gamma)
 
 
-def _fit_slab_filter(cfg: Config) -> SlabFilter:
-    """The slab-aware linear baseline (ctld.baselines.SlabFilter), fitted in closed form on the first
-    `diffusion.slab_fit_volumes` training volumes; every rank fits the same filter from the same shards."""
-    urls = shard_urls(cfg.data, "train")
-    start = time.perf_counter()
-    limit = cfg.diffusion.slab_fit_volumes
-    pairs = ((thick, thin) for _, thick, thin in iter_covered_pairs(urls, cfg.data.factor, limit))
-    slab_filter = fit_slab_filter(pairs, cfg.data.factor, taps=cfg.diffusion.slab_taps)
-    logger.info(f"slab filter fitted on up to {cfg.diffusion.slab_fit_volumes} training volumes in "
-                f"{time.perf_counter() - start:.1f} s; taps per phase: {slab_filter.weights.round(3).tolist()}")
-    return slab_filter
-
-
-@torch.no_grad()
-def _estimate_residual_scale(accelerator: Accelerator, vae, spec: ResidualSpec, cfg: Config) -> float:
-    """1 / std of z_thin - z_prior over `train.scale_batches` batches per rank of a fixed-seed training stream,
-    so the diffusion sees a unit-variance residual (as the VAE's scaling_factor does for latents)."""
-    loader = make_patch_loader(shard_urls(cfg.data, "train"), cfg.data, rank=accelerator.process_index,
-                               world_size=accelerator.num_processes, seed=VAL_SEED + cfg.train.seed, resampled=True,
-                               num_workers=0, epoch=0)
-    dtype = next(vae.parameters()).dtype
-    device = accelerator.device
-    batches = itertools.islice(loader, max(1, cfg.train.scale_batches))
-    residuals = (encode_latents(vae, b["thin"].to(device).to(dtype))
-                 - spec.prior_latents(vae, b["thick"].to(device).to(dtype)) for b in batches)
-    std, _ = _std_over_ranks(accelerator, residuals)
-    logger.info(f"residual latent std {std:.4g} around the {spec.prior} prior: residual_scale = {1 / std:.4g}")
-    return 1.0 / std
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Data
+# Export
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class _TrainStream:
-    """The training batches, reopened (keyed by the step) at checkpoints and when a pass ends."""
-
-    def __init__(self, urls: list[str], cfg: Config, accelerator: Accelerator):
-        if not urls:
-            raise ValueError(
-                f"no training shards found (data.shards_dir={cfg.data.shards_dir!r}, data.train_urls="
-                f"{cfg.data.train_urls!r}); build them with `ctld-shards build`"
-            )
-        self.urls, self.cfg, self.accelerator = urls, cfg, accelerator
-        self._iterator = None
-        self._opened_at = -1
-
-    def open(self, step: int) -> None:
-        if step == self._opened_at:
-            return
-        loader = make_patch_loader(
-            self.urls,
-            self.cfg.data,
-            rank=self.accelerator.process_index,
-            world_size=self.accelerator.num_processes,
-            seed=self.cfg.data.seed,
-            resampled=True,
-            epoch=step,
-        )
-        self._iterator, self._opened_at = iter(loader), step
-
-    def next(self, step: int) -> dict:
-        try:
-            return next(self._iterator)
-        except StopIteration:
-            self._opened_at = -1
-            self.open(step)
-            try:
-                return next(self._iterator)
-            except StopIteration:
-                raise RuntimeError(
-                    f"the training loader yields no batches (shards {self.urls[:3]}...): check data.batch_size and "
-                    "data.samples_per_epoch, and that the shards hold volumes of at least one patch"
-                ) from None
-
-
-def _val_batches(urls: list[str], cfg: Config, accelerator: Accelerator) -> list[dict]:
-    """`train.val_batches` batches per rank, the same ones at every validation (fixed seed, resampled so
-    every rank gets the same number even with fewer val shards than ranks)."""
-    loader = make_patch_loader(urls, cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                               seed=VAL_SEED + cfg.data.seed, resampled=True, num_workers=0, epoch=0)
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == cfg.train.val_batches:
-            break
-    return batches
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Validation, images, export
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _validate(accelerator: Accelerator, cfg: Config, *, model, frozen_vae, sampler, spec, ema, val_urls: list[str],
-              step: int, model_dtype: torch.dtype, log_metrics: bool, log_images: bool) -> None:
-    """Metrics (`val/...`) and/or image panels (`panels/...`) on the fixed validation patches; every rank runs
-    its share (a collective under ZeRO-3), rank 0 writes the images."""
-    model.eval()
-    # Fork the RNG so validation (and its loader) leaves the training stream's random state untouched.
-    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-        batches = _val_batches(val_urls, cfg, accelerator)
-        if cfg.train.stage == "vae":
-            metrics, columns = validate_vae(model, batches, hu_min=cfg.data.hu_min, hu_max=cfg.data.hu_max,
-                                            factor=cfg.data.factor, device=accelerator.device, dtype=model_dtype)
-            labels = ["thick", "thick recon", "thin", "thin recon"]
-        else:
-            with _ema_weights(accelerator, model, ema):
-                metrics, columns = validate_diffusion(
-                    model, frozen_vae, sampler, spec, batches, hu_min=cfg.data.hu_min, hu_max=cfg.data.hu_max,
-                    num_inference_steps=cfg.diffusion.num_inference_steps,
-                    seed=VAL_SEED + accelerator.process_index, device=accelerator.device)
-            labels = ["thick", "regression (EMA)", "diffusion (EMA)", "cubic", "target"]
-    names = sorted(metrics)
-    values = accelerator.reduce(torch.tensor([metrics[n] for n in names], device=accelerator.device), "mean")
-    if log_metrics:
-        accelerator.log({f"val/{n}": float(v) for n, v in zip(names, values.tolist())}, step=step)
-    if log_images and accelerator.is_main_process:
-        writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        # Thick columns repeated onto the thin grid; patches carry no spacing, so voxels are drawn square.
-        thin_depth = max(len(c) for c in columns)
-        named = [(label, np.repeat(c, thin_depth // len(c), axis=0)) for label, c in zip(labels, columns, strict=True)]
-        for window_name in ("soft_tissue", "wide"):
-            panel = render_panel(named, spacing_mm=(1.0, 1.0, 1.0), views=("axial", "coronal"),
-                                 windows=(window_name,), tile=columns[0].shape[-1])
-            writer.add_image(f"panels/{window_name}", panel, global_step=step, dataformats="HWC")
-
-
-@contextlib.contextmanager
-def _ema_weights(accelerator: Accelerator, model, ema: EMAModel):
-    """Swap the EMA weights into the prepared U-Net for validation, then put the trained weights back."""
-    params = list(accelerator.unwrap_model(model).parameters())
-    zero3 = _zero_stage(accelerator) == 3
-    if zero3:  # partitioned parameters: gather, let rank 0 write, re-partition on exit
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    else:
-        gather = contextlib.nullcontext()
-    with gather:
-        ema.store(params)
-        ema.copy_to(params)
-    try:
-        yield
-    finally:
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if zero3 else contextlib.nullcontext()
-        with gather:
-            ema.restore(params)
 
 
 def _export(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, frozen_vae, noise_scheduler, spec, ema,
-            train_stream: _TrainStream, step: int) -> None:
+            train_stream: TrainStream, step: int) -> None:
     """run_dir/export: what inference needs (VAE; for the diffusion stage also the EMA U-Net and scheduler)."""
     state_dict, scaling_factor = None, None
     if cfg.train.stage == "vae":  # (the diffusion stage exports the EMA weights, which every rank holds whole)
         state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank calls it
     if cfg.train.stage == "vae" and cfg.train.scale_batches > 0:
-        scaling_factor = _estimate_scaling_factor(accelerator, model, train_stream, cfg, step)
+        scaling_factor = estimate_scaling_factor(accelerator, model, train_stream, cfg, step)
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
     meta = {
         "factor": cfg.data.factor, "hu_min": cfg.data.hu_min, "hu_max": cfg.data.hu_max,
         "depth_thick": cfg.data.depth_thick, "patch_size": cfg.data.patch_size,
-        "stage": cfg.train.stage, "step": step, "run_name": cfg.train.run_name, "git_commit": _git_commit(),
+        "stage": cfg.train.stage, "step": step, "run_name": cfg.train.run_name, "git_commit": git_commit(),
     }
     thin_spacing_mm = _thin_spacing_mm(cfg)
     if thin_spacing_mm is not None:  # ctld-infer checks a thick input's spacing against factor x this
@@ -502,30 +350,6 @@ def _export(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, froz
     accelerator.wait_for_everyone()
 
 
-@torch.no_grad()
-def _estimate_scaling_factor(accelerator, vae, train_stream, cfg: Config, step: int) -> float:
-    """1 / std of the thin-patch latents over `train.scale_batches` batches per rank (unit-variance latents,
-    as Stable Diffusion's 0.18215 was chosen)."""
-    vae.eval()
-    base = accelerator.unwrap_model(vae)
-    dtype = next(base.parameters()).dtype
-    latents = (base.encode(train_stream.next(step)["thin"].to(accelerator.device).to(dtype)).sample()
-               for _ in range(cfg.train.scale_batches))
-    std, count = _std_over_ranks(accelerator, latents)
-    logger.info(f"latent std {std:.4g} over {count} values: VAE scaling_factor = {1.0 / std:.4g}")
-    return 1.0 / std
-
-
-def _std_over_ranks(accelerator: Accelerator, tensors) -> tuple[float, int]:
-    """Standard deviation of all values of `tensors` on every rank (one all-reduce of count, sum, sum of squares)."""
-    moments = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
-    for t in tensors:
-        t = t.double()
-        moments += torch.stack([torch.tensor(t.numel(), device=t.device, dtype=torch.float64), t.sum(), t.pow(2).sum()])
-    count, total, squares = accelerator.reduce(moments, reduction="sum").tolist()
-    return math.sqrt(max(squares / count - (total / count) ** 2, 1e-12)), int(count)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up helpers
 # ---------------------------------------------------------------------------------------------------------------
@@ -540,106 +364,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides
     return args
-
-
-def _check_config(cfg: Config) -> None:
-    t = cfg.train
-    if t.stage == "diffusion" and not t.vae_export:
-        raise ValueError("train.stage=diffusion needs train.vae_export=<the VAE run's export/ folder>")
-    if t.max_steps < 0 or (t.max_steps == 0 and t.stage != "vae"):
-        raise ValueError(f"train.max_steps must be >= 1 (0 only for the VAE stage: export the VAE as initialised, "
-                         f"e.g. a zero_init_residual VAE that is already lossless), got {t.max_steps}")
-    for name in ("log_every", "val_every", "image_every", "checkpoint_every", "checkpoints_total_limit",
-                 "gradient_accumulation_steps", "max_nonfinite_steps", "val_batches"):
-        if getattr(t, name) < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if not 0.0 <= t.thick_fraction <= 1.0:
-        raise ValueError(f"train.thick_fraction must be in [0, 1], got {t.thick_fraction}")
-    d = cfg.diffusion
-    if not 0.0 < d.strength <= 1.0:
-        raise ValueError(f"diffusion.strength must be in (0, 1], got {d.strength}")
-    if not 0.0 <= d.regression_fraction <= 1.0:
-        raise ValueError(f"diffusion.regression_fraction must be in [0, 1], got {d.regression_fraction}")
-    if d.residual_scale < 0 or d.slab_taps < 1 or d.slab_taps % 2 == 0 or d.slab_fit_volumes < 1:
-        raise ValueError(f"need diffusion.residual_scale >= 0 (0 = measure), an odd slab_taps >= 1 and "
-                         f"slab_fit_volumes >= 1; got {d.residual_scale}, {d.slab_taps}, {d.slab_fit_volumes}")
-    inplane = 2 ** (len(cfg.vae.channels) - 1)
-    if cfg.data.patch_size % inplane:
-        raise ValueError(f"data.patch_size={cfg.data.patch_size} must be a multiple of the VAE's in-plane factor "
-                         f"{inplane} (2 ** (len(vae.channels) - 1))")
-
-
-def _optimizer_and_lr_scheduler(accelerator: Accelerator, model: torch.nn.Module, cfg: Config):
-    """AdamW + `train.lr_scheduler` (warmup, then e.g. cosine) from diffusers.optimization.get_scheduler."""
-    ds_config = {}
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-    if "scheduler" in ds_config:
-        raise ValueError(
-            "the DeepSpeed JSON has a 'scheduler' block; remove it: ctld's LR schedule comes from train.lr_scheduler, "
-            "train.lr_warmup_steps and train.max_steps"
-        )
-
-    def build_lr_scheduler(optimizer, steps_per_update: int):
-        return get_scheduler(
-            cfg.train.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=cfg.train.lr_warmup_steps * steps_per_update,
-            num_training_steps=cfg.train.max_steps * steps_per_update,
-        )
-
-    if "optimizer" in ds_config:
-        # DeepSpeed builds the optimizer from its JSON ("lr": "auto" is filled from train.lr) and steps the
-        # LR scheduler itself, once per optimizer step.
-        optimizer = DummyOptim(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        return optimizer, DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: build_lr_scheduler(opt, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    # accelerate's AcceleratedScheduler steps the scheduler once per process per optimizer step, hence the
-    # factor num_processes (as in diffusers' training examples).
-    return optimizer, build_lr_scheduler(optimizer, accelerator.num_processes)
-
-
-def _process_group_kwargs() -> list:
-    # gloo on CPU: without it DeepSpeed on CPU sees every rank as rank 0 of 1 (STACK.md). Only for multi-process
-    # launches (torchrun underneath `accelerate launch`): a single process has no process group to configure.
-    if torch.cuda.is_available() or not torch.distributed.is_torchelastic_launched():
-        return []
-    return [InitProcessGroupKwargs(backend="gloo")]
-
-
-def _resolve_mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    # bf16 Conv3d on CPU is 35-200x slower than fp32 (STACK.md): fp32 there.
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def _zero_stage(accelerator: Accelerator) -> int:
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return 0
-    return int(accelerator.state.deepspeed_plugin.zero_stage)
-
-
-def _configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
-    """Fill the DeepSpeed JSON's "auto" batch size and clipping from the ctld config (no dataloader is
-    prepared, so accelerate cannot infer them)."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return
-    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        ds_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-    if ds_config.get("gradient_clipping", "auto") == "auto":
-        ds_config["gradient_clipping"] = cfg.train.max_grad_norm
-    if _zero_stage(accelerator) == 3:
-        # The VAE export gathers the partitioned weights (accelerator.get_state_dict), which needs this.
-        ds_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-    ds_accumulation = ds_config.get("gradient_accumulation_steps", "auto")
-    if ds_accumulation != "auto" and int(ds_accumulation) != cfg.train.gradient_accumulation_steps:
-        raise ValueError(
-            f"DeepSpeed gradient_accumulation_steps={ds_accumulation} differs from train.gradient_accumulation_steps="
-            f"{cfg.train.gradient_accumulation_steps}; make them equal (accelerate launch "
-            "--gradient_accumulation_steps) or set it to \"auto\" in the DeepSpeed JSON"
-        )
 
 
 def _load_frozen_vae(cfg: Config, device: torch.device, mixed_precision: str) -> AutoencoderKL3D:
@@ -670,108 +394,6 @@ def _thin_spacing_mm(cfg: Config) -> float | None:
     if vae_meta is not None and vae_meta.is_file():
         return json.loads(vae_meta.read_text()).get("thin_spacing_mm")
     return None
-
-
-def _git_commit() -> str:
-    # The container image has no .git; its build passes the commit in (Dockerfile: --build-arg GIT_COMMIT).
-    fallback = os.environ.get("CTLD_GIT_COMMIT", "unknown") or "unknown"
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return fallback
-    if out.returncode != 0:
-        return fallback
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def _package_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0]}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def _run_info(cfg: Config, accelerator: Accelerator, frozen_vae, resume_from, step: int, last_step: int) -> dict:
-    """The derived numbers, logged at start and written to config.yaml's `_run` block."""
-    latent_channels = frozen_vae.latent_channels if frozen_vae is not None else cfg.vae.latent_channels
-    inplane = 2 ** (len(cfg.vae.channels) - 1)
-    latent_hw = cfg.data.patch_size // inplane
-    return {
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "stage": cfg.train.stage,
-        "world_size": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type.value),
-        "zero_stage": _zero_stage(accelerator),
-        "mixed_precision": accelerator.mixed_precision,
-        "device": str(accelerator.device),
-        "effective_batch": cfg.data.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes,
-        "thin_latent_shape": [latent_channels, cfg.data.depth_thick * cfg.data.factor, latent_hw, latent_hw],
-        "thick_latent_shape": [latent_channels, cfg.data.depth_thick, latent_hw, latent_hw],
-        "total_steps": cfg.train.max_steps,
-        "start_step": step,
-        "last_step_this_launch": last_step,
-        "resumed_from": str(resume_from) if resume_from else "",
-        "git_commit": _git_commit(),
-        "packages": _package_versions(),
-    }
-
-
-def _log_start(cfg: Config, info: dict) -> None:
-    logger.info("***** Running training *****")
-    for key in ("stage", "world_size", "distributed_type", "zero_stage", "mixed_precision", "effective_batch",
-                "thin_latent_shape", "thick_latent_shape", "total_steps", "start_step", "last_step_this_launch",
-                "resumed_from", "git_commit", "packages"):
-        logger.info(f"  {key} = {info[key]}")
-    logger.info(f"  config = {flatten_config(cfg)}")
-
-
-class _Window:
-    """Scalars accumulated between two log steps (on device; `.item()` only when logging)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.loss_sum = torch.zeros((), device=device)
-        self.loss_count = 0
-        self.grad_norm_sum = torch.zeros((), device=device)
-        self.grad_norm_count = 0
-        self.micro_batches = 0
-        self.data_seconds = 0.0
-        self.start = time.perf_counter()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-
-    def add_loss(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss.float()
-        self.loss_count += 1
-
-    def add_grad_norm(self, grad_norm) -> None:
-        self.grad_norm_sum += torch.as_tensor(grad_norm, device=self.device, dtype=torch.float32)
-        self.grad_norm_count += 1
-
-    def summary(self, accelerator: Accelerator, batch_size: int) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.start
-        local = torch.stack([
-            self.loss_sum / max(self.loss_count, 1),
-            self.grad_norm_sum / max(self.grad_norm_count, 1),
-            torch.tensor(self.data_seconds / max(elapsed, 1e-9), device=self.device),
-        ])
-        loss, grad_norm, data_wait = accelerator.reduce(local, reduction="mean").tolist()
-        scalars = {
-            "train/loss": loss,
-            "train/samples_per_s": self.micro_batches * batch_size * accelerator.num_processes / max(elapsed, 1e-9),
-            "train/data_wait_fraction": data_wait,
-        }
-        if self.grad_norm_count:
-            scalars["train/grad_norm"] = grad_norm
-        if torch.cuda.is_available():
-            scalars["sys/gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        return scalars
 
 
 if __name__ == "__main__":

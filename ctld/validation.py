@@ -1,5 +1,8 @@
 """Validation for both training stages: fixed patches, metrics on HU in named windows, one image panel.
 
+    validate(accelerator, cfg, model=model, frozen_vae=vae, sampler=sampler, spec=spec, ema=ema, val_urls=urls,
+             step=step, model_dtype=dtype, log_metrics=True, log_images=True)    # from the training loop
+
 Metrics follow ctld.metrics' protocol (HU mapped to [0, 1] in `WINDOWS[...]`, PSNR over the patch, SSIM per
 axial slice), so a validation PSNR here and a `ctld-eval` PSNR mean the same thing. Each function returns
 rank-local means over equal numbers of samples; the trainer averages them over ranks with
@@ -8,16 +11,25 @@ rank-local means over equal numbers of samples; the trainer averages them over r
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Iterable
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
 
 from ctld.baselines import interpolate_z
+from ctld.config import Config
+from ctld.data.loader import make_patch_loader
 from ctld.data.transforms import model_to_hu
 from ctld.diffusion import decode_latents, regress, sample
+from ctld.distributed import zero_stage
 from ctld.metrics import WINDOWS, psnr, ssim2d_mean
+from ctld.panels import render_panel
+
+VAL_SEED = 1_000_003  # validation patches and sampling noise: fixed, so validations differ only by the weights
 
 
 def _add_metrics(sums: dict[str, list[float]], prefix: str, pred_hu: torch.Tensor, target_hu: torch.Tensor) -> None:
@@ -136,3 +148,72 @@ def validate_diffusion(
             columns = [t[0, 0].cpu().numpy() for t in (thick_hu, decoded["regression"], decoded["diffusion"],
                                                         decoded["cubic"], target_hu)]
     return _means(sums), columns
+
+
+def val_batches(urls: list[str], cfg: Config, accelerator: Accelerator) -> list[dict]:
+    """`train.val_batches` batches per rank, the same ones at every validation (fixed seed, resampled so
+    every rank gets the same number even with fewer val shards than ranks)."""
+    loader = make_patch_loader(urls, cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                               seed=VAL_SEED + cfg.data.seed, resampled=True, num_workers=0, epoch=0)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == cfg.train.val_batches:
+            break
+    return batches
+
+
+def validate(accelerator: Accelerator, cfg: Config, *, model, frozen_vae, sampler, spec, ema, val_urls: list[str],
+              step: int, model_dtype: torch.dtype, log_metrics: bool, log_images: bool) -> None:
+    """Metrics (`val/...`) and/or image panels (`panels/...`) on the fixed validation patches; every rank runs
+    its share (a collective under ZeRO-3), rank 0 writes the images."""
+    model.eval()
+    # Fork the RNG so validation (and its loader) leaves the training stream's random state untouched.
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        batches = val_batches(val_urls, cfg, accelerator)
+        if cfg.train.stage == "vae":
+            metrics, columns = validate_vae(model, batches, hu_min=cfg.data.hu_min, hu_max=cfg.data.hu_max,
+                                            factor=cfg.data.factor, device=accelerator.device, dtype=model_dtype)
+            labels = ["thick", "thick recon", "thin", "thin recon"]
+        else:
+            with ema_weights(accelerator, model, ema):
+                metrics, columns = validate_diffusion(
+                    model, frozen_vae, sampler, spec, batches, hu_min=cfg.data.hu_min, hu_max=cfg.data.hu_max,
+                    num_inference_steps=cfg.diffusion.num_inference_steps,
+                    seed=VAL_SEED + accelerator.process_index, device=accelerator.device)
+            labels = ["thick", "regression (EMA)", "diffusion (EMA)", "cubic", "target"]
+    names = sorted(metrics)
+    values = accelerator.reduce(torch.tensor([metrics[n] for n in names], device=accelerator.device), "mean")
+    if log_metrics:
+        accelerator.log({f"val/{n}": float(v) for n, v in zip(names, values.tolist())}, step=step)
+    if log_images and accelerator.is_main_process:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        # Thick columns repeated onto the thin grid; patches carry no spacing, so voxels are drawn square.
+        thin_depth = max(len(c) for c in columns)
+        named = [(label, np.repeat(c, thin_depth // len(c), axis=0)) for label, c in zip(labels, columns, strict=True)]
+        for window_name in ("soft_tissue", "wide"):
+            panel = render_panel(named, spacing_mm=(1.0, 1.0, 1.0), views=("axial", "coronal"),
+                                 windows=(window_name,), tile=columns[0].shape[-1])
+            writer.add_image(f"panels/{window_name}", panel, global_step=step, dataformats="HWC")
+
+
+@contextlib.contextmanager
+def ema_weights(accelerator: Accelerator, model, ema: EMAModel):
+    """Swap the EMA weights into the prepared U-Net for validation, then put the trained weights back."""
+    params = list(accelerator.unwrap_model(model).parameters())
+    zero3 = zero_stage(accelerator) == 3
+    if zero3:  # partitioned parameters: gather, let rank 0 write, re-partition on exit
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    else:
+        gather = contextlib.nullcontext()
+    with gather:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        yield
+    finally:
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if zero3 else contextlib.nullcontext()
+        with gather:
+            ema.restore(params)

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ctld.config import DataConfig
+from ctld.config import DataConfig, check_data
 from ctld.data.geometry import covered_pair
 from ctld.data.patches import fits_patch, sample_patch_pairs_d
 from ctld.data.shards import decode_sample, iter_samples
@@ -69,22 +69,6 @@ _WARN_FIRST = 5
 _WARN_EVERY = 100
 # Seed stage tags: each random stage gets its own generator, so adding draws in one leaves the others alone.
 _STAGE_SHARDS, _STAGE_PATCHES, _STAGE_SHUFFLE = 1, 2, 3
-
-
-def check_data_config(data_cfg: DataConfig) -> None:
-    """Raise ValueError naming the first `data.*` value the loader cannot work with."""
-    for name in ("factor", "depth_thick", "patch_size", "patches_per_volume", "batch_size", "samples_per_epoch"):
-        if getattr(data_cfg, name) < 1:
-            raise ValueError(f"data.{name} must be >= 1, got {getattr(data_cfg, name)}")
-    if data_cfg.num_workers < 0 or data_cfg.shuffle_buffer < 0:
-        raise ValueError(f"data.num_workers ({data_cfg.num_workers}) and data.shuffle_buffer must be >= 0")
-    if data_cfg.hu_max <= data_cfg.hu_min:
-        raise ValueError(f"data.hu_max ({data_cfg.hu_max}) must be greater than data.hu_min ({data_cfg.hu_min})")
-    if data_cfg.small_volume not in ("pad", "skip"):
-        raise ValueError(f"data.small_volume must be 'pad' or 'skip', got {data_cfg.small_volume!r}")
-    for name in ("min_foreground_fraction", "max_skipped_fraction"):
-        if not 0.0 <= getattr(data_cfg, name) <= 1.0:
-            raise ValueError(f"data.{name} must be within [0, 1], got {getattr(data_cfg, name)}")
 
 
 def iter_covered_pairs(urls: list[str], factor: int, max_samples: int = 0):
@@ -401,7 +385,7 @@ def make_patch_loader(
         (B, 1, depth_thick * factor, P, P), "key": list of B shard sample keys}. With `resampled=True` every
         pass yields exactly `ceil(samples_per_epoch / batch_size)` batches (`len(loader)`).
     """
-    check_data_config(data_cfg)
+    check_data(data_cfg)
     urls = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else list(urls)
     if not urls:
         raise ValueError("no shard URLs given; use shard_urls(cfg.data, split) or set --data.train_urls=...")
@@ -433,3 +417,46 @@ def make_patch_loader(
         num_batches = math.ceil(data_cfg.samples_per_epoch / data_cfg.batch_size)
         loader = loader.with_epoch(num_batches).with_length(num_batches, silent=True)
     return loader
+
+
+class TrainStream:
+    """The trainer's batches for one rank: a resampled patch loader reopened, keyed by the step, at every
+    checkpoint and when a pass ends, so a run resumed from step N sees what an uninterrupted run sees after N."""
+
+    def __init__(self, urls: list[str], cfg, accelerator):
+        if not urls:
+            raise ValueError(
+                f"no training shards found (data.shards_dir={cfg.data.shards_dir!r}, data.train_urls="
+                f"{cfg.data.train_urls!r}); build them with `ctld-shards build`"
+            )
+        self.urls, self.cfg, self.accelerator = urls, cfg, accelerator
+        self._iterator = None
+        self._opened_at = -1
+
+    def open(self, step: int) -> None:
+        if step == self._opened_at:
+            return
+        loader = make_patch_loader(
+            self.urls,
+            self.cfg.data,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+            seed=self.cfg.data.seed,
+            resampled=True,
+            epoch=step,
+        )
+        self._iterator, self._opened_at = iter(loader), step
+
+    def next(self, step: int) -> dict:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self._opened_at = -1
+            self.open(step)
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                raise RuntimeError(
+                    f"the training loader yields no batches (shards {self.urls[:3]}...): check data.batch_size and "
+                    "data.samples_per_epoch, and that the shards hold volumes of at least one patch"
+                ) from None

@@ -57,7 +57,7 @@ setup(
             "ctld-shards = ctld.data.build_shards:main",
             "ctld-infer = ctld.inference:main",
             "ctld-eval = ctld.evaluate:main",
-            "ctld-demo = ctld.demo:main",
+            "ctld-demo = ctld.demo.cli:main",
         ],
     },
 )

@@ -30,7 +30,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from ctld import demo, evaluate  # noqa: E402
+from ctld import evaluate  # noqa: E402
+from ctld.demo import cli as demo  # noqa: E402
 
 REAL_CT = REPO_ROOT.parent / "shared" / "data" / "ct" / "totalsegmentator_ct" / "tests" / "reference_files" / \
     "aorta_report" / "test_result" / "models" / "ct_cropped.nii.gz"

@@ -16,9 +16,9 @@ import torch
 from ctld.baselines import fit_slab_filter
 from ctld.config import load_config
 from ctld.data.nifti import read_nifti, write_nifti
-from ctld.data.phantom import make_phantom
 from ctld.data.transforms import simulate_thick
 from ctld.data.volume import Volume
+from ctld.demo.phantom import make_phantom
 from ctld.diffusion import ResidualSpec, build_train_scheduler
 from ctld.export import save_export
 from ctld.inference import main as infer_main

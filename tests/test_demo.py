@@ -9,9 +9,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from ctld import demo
 from ctld.data import build_shards
 from ctld.data.dicom import read_dicom_series
+from ctld.demo import cli as demo
+from ctld.demo.results import STAGES, held_out_from_shards
 from ctld.export import load_export
 
 TINY = (
@@ -84,7 +85,7 @@ def test_demo_artifacts_read_back(demo_run):
             image.verify()
 
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["stages"]) == set(demo.STAGES)
+    assert set(summary["stages"]) == set(STAGES)
     assert summary["mean"] == metrics["mean"]
 
 
@@ -105,4 +106,4 @@ def test_demo_rejects_unknown_arguments(tmp_path, capsys):
 def test_data_mode_needs_a_test_split(demo_run, tmp_path):
     # Phantom shards hold no test split (the demo holds out a study of its own); --data mode needs one.
     with pytest.raises(ValueError, match="no test split"):
-        demo._held_out_from_shards(demo_run / "shards", tmp_path)
+        held_out_from_shards(demo_run / "shards", tmp_path)

@@ -10,8 +10,8 @@ import pytest
 from scipy import ndimage
 
 from ctld.data.dicom import read_dicom_series
-from ctld.data.phantom import Tissue, make_cohort, make_phantom, thick_volume
 from ctld.data.transforms import simulate_thick
+from ctld.demo.phantom import Tissue, make_cohort, make_phantom, thick_volume
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
     phantom = make_phantom(seed=3)                          # (100, 128, 128) int16 HU, ~0.5 s
     studies = make_cohort("demo_out/phantoms", n_studies=8, seed=0)
-    python -m ctld.data.phantom demo_out/phantoms --n_studies 8 --seed 0
+    python -m ctld.demo.phantom demo_out/phantoms --n_studies 8 --seed 0
 
 A phantom is a child-sized contrast-enhanced chest CT (CT pulmonary angiography phase), sized so a 1 mm
 study of ~100 slices x 128 x 128 pixels of 1.5 mm holds the whole thorax: body outline with subcutaneous fat
@@ -932,7 +932,7 @@ def make_cohort(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ctld.data.phantom",
+        prog="python -m ctld.demo.phantom",
         description="Write a cohort of procedural chest CT phantoms as DICOM studies (thin 1 mm, some thick 5 mm).",
     )
     parser.add_argument("out_dir", help="folder for PHANTOM_<n>/ study folders and phantoms.json")

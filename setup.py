@@ -20,14 +20,14 @@ setup(
         "torch>=2.4",
         "accelerate>=1.0",
         "deepspeed>=0.15",
-        # accelerate imports transformers on every DeepSpeed code path (STACK.md).
+        # accelerate imports transformers on every DeepSpeed code path.
         "transformers>=4.40",
         "diffusers>=0.30",
         "webdataset>=0.2.100",
         "pydicom>=3.0",
         # Pixel-data plugins for compressed CT: JPEG lossless/baseline/extended (libjpeg), JPEG 2000
         # (openjpeg), RLE (rle). With these, 77 of the 79 pixel-bearing files in shared/data/ct decode;
-        # python-gdcm alone decodes fewer (STACK.md).
+        # python-gdcm alone decodes fewer.
         "pylibjpeg>=2.0",
         "pylibjpeg-libjpeg>=2.1",
         "pylibjpeg-openjpeg>=2.3",

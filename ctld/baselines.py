@@ -1,4 +1,4 @@
-"""Baseline slice interpolation along z onto ctld's thin grid (DESIGN.md, Geometry convention).
+"""Baseline slice interpolation along z onto ctld's thin grid (docs/DESIGN.md, Geometry convention).
 
 Thin slice m of a thick series with `factor` f sits at thick-index coordinate u = (m + 0.5) / f - 0.5: the f thin
 slices of thick slice k are centred on it, `z_k + (i - (f - 1) / 2) * dz / f`. Each method is a fixed (D*f, D)

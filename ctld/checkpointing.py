@@ -1,6 +1,6 @@
 """Checkpoints that survive preemption: complete folders only, the last N kept, SIGTERM turned into a save.
 
-Layout (DESIGN.md, Runs and checkpoints):
+Layout (docs/DESIGN.md, Runs and checkpoints):
 
     run_dir/checkpoints/checkpoint-<step>/        accelerate `save_state` (model, optimizer, LR scheduler, RNG)
                                        ema.safetensors + ema.json    the U-Net EMA (diffusion stage)

@@ -24,7 +24,7 @@ import yaml
 
 @dataclass
 class DataConfig:
-    """What the loader feeds the trainer (see DESIGN.md: thick/thin alignment, intensities)."""
+    """What the loader feeds the trainer (see docs/DESIGN.md: thick/thin alignment, intensities)."""
 
     shards_dir: str = "shards"  # a folder with manifest.json from `ctld-shards build`
     train_urls: str = ""  # explicit shard URLs/brace pattern/pipe: command; empty = from shards_dir

@@ -10,7 +10,7 @@ DATA may be thin series (DICOM folders/ZIPs, NIfTI files): the thick input is si
 `ctld.data.transforms.simulate_thick` (the slice profile the export was trained with, `--thick_profile`; box =
 thick slice k is the mean of thin slices [k*f, (k+1)*f)); `--pair THICK THIN`
 gives a real thick/thin pair of one study; a shards folder (with manifest.json) contributes its test split, real
-or simulated pairs as stored. Every method predicts the thin grid of DESIGN.md from the thick series and is scored
+or simulated pairs as stored. Every method predicts the thin grid of docs/DESIGN.md from the thick series and is scored
 against the thin slices it covers, with the protocol of `ctld.metrics` (written out in metrics.json).
 
 Outputs in REPORT_DIR: metrics.json (per case and mean, with the protocol), panels/<case>.png (axial, coronal,

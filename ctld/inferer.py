@@ -182,7 +182,7 @@ def interpolate_volume(
         batch_size: windows per `predict_fn` call.
 
     Returns:
-        (D * factor, H, W) float32 thin HU on the grid of DESIGN.md (thin slice m of slab k = m // factor).
+        (D * factor, H, W) float32 thin HU on the grid of docs/DESIGN.md (thin slice m of slab k = m // factor).
     """
     thick_hu = np.asarray(thick_hu)
     if thick_hu.ndim != 3:

@@ -1,6 +1,6 @@
 """Image-quality metrics on HU volumes, shared by `ctld-eval` and the trainer's validation.
 
-Protocol (DESIGN.md, Intensities), so numbers from both places agree:
+Protocol (docs/DESIGN.md, Intensities), so numbers from both places agree:
 - HU are mapped to [0, 1] in a named window (`WINDOWS`): `clip((hu - lo) / (hi - lo), 0, 1)`.
 - PSNR = 10 log10(1 / MSE) over all voxels (data range 1), capped at `PSNR_CAP_DB` when the images are
   identical (MSE below 10**(-PSNR_CAP_DB / 10)), so metrics.json never holds an infinity.

@@ -26,7 +26,7 @@ def baseline_predictor(factor: int, method: str) -> PredictFn:
 
 
 def autocast_context(device: torch.device | str):
-    """bf16 autocast on CUDA; fp32 elsewhere (bf16 Conv3d on CPU is 35x slower, STACK.md)."""
+    """bf16 autocast on CUDA; fp32 elsewhere (bf16 Conv3d on CPU is about 35x slower than fp32)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

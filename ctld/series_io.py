@@ -94,7 +94,7 @@ def write_output(thin: Volume, out: str | Path, fmt: str, *, reference=None, ste
 
 
 def thin_volume_like(thick: Volume, thin_hu: np.ndarray, factor: int) -> Volume:
-    """The thin Volume on the grid of DESIGN.md: spacing dz / factor, origin shifted by -(factor - 1) / 2 thin
+    """The thin Volume on the grid of docs/DESIGN.md: spacing dz / factor, origin shifted by -(factor - 1) / 2 thin
     spacings along the normal, the thick series' in-plane grid, orientation and ids."""
     dz, dy, dx = thick.spacing_mm
     thin_dz = dz / factor

@@ -157,7 +157,7 @@ def test_inputs_the_model_cannot_handle_are_refused():
 
 
 def _thick_of(thin: Volume, factor: int) -> Volume:
-    """Simulated thick series with the geometry of DESIGN.md: slab k is centred on its factor thin slices."""
+    """Simulated thick series with the geometry of docs/DESIGN.md: slab k is centred on its factor thin slices."""
     dz = thin.spacing_mm[0]
     origin = np.asarray(thin.origin_mm) + (factor - 1) / 2 * dz * thin.direction[:, 2]
     return Volume(simulate_thick(thin.hu, factor), (dz * factor, *thin.spacing_mm[1:]), tuple(origin),

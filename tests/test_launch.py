@@ -1,7 +1,7 @@
 """launch/: accelerate configs, DeepSpeed JSON, and launch/multinode.sh (the command every PyTorchJob pod runs).
 
 The launches are real `accelerate launch` runs on CPU; each asserts the world size it got and an all_reduce
-result, because accelerate can start processes that never join one process group (STACK.md)."""
+result, because accelerate can start processes that never join one process group."""
 
 from __future__ import annotations
 

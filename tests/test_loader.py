@@ -49,7 +49,7 @@ def make_pair(rng: np.random.Generator, key: str, thin_depth: int, size: int, *,
 
 
 def write_shards(out_dir: Path, samples: list[dict], per_shard: int) -> list[str]:
-    """Shards in the sample format of `ctld-shards build` (DESIGN.md, Shard sample), written directly, for what
+    """Shards in the sample format of `ctld-shards build` (docs/DESIGN.md, Shard sample), written directly, for what
     the builder never writes: other factors, volumes smaller than a patch, many shards of noise volumes.
     Tests of the normal path use shards built by `ctld-shards build` (the `built_shards` / `make_shards` fixtures)."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,7 @@ def test_cohort_dicom_reads_back_with_geometry(cohort):
     np.testing.assert_allclose(thin.direction, np.eye(3), atol=1e-6)
     assert thick.study_id == thin.study_id and thick.series_id != thin.series_id
 
-    # Thick = mean of its 5 thin slices, placed at the slab centre (DESIGN.md, Geometry convention).
+    # Thick = mean of its 5 thin slices, placed at the slab centre (docs/DESIGN.md, Geometry convention).
     np.testing.assert_array_equal(thick.hu, simulate_thick(thin.hu, 5))
     thin_z = thin.slice_positions_mm()[:, 2]
     thick_z = thick.slice_positions_mm()[:, 2]

@@ -52,7 +52,7 @@ def test_round_trip_arrays_geometry_pairs_and_splits(built_shards, synthetic_dic
         assert info["thin_origin_mm"] == pytest.approx([-11.2, -11.2, -30.0])
         assert info["shape_thin"] == [THIN_DEPTH, 32, 32] and info["direction"] == np.eye(3).tolist()
         thick, offset = sample["thick.npy"], info["offset"]
-        # DESIGN.md: thick k covers thin [offset + k*f, offset + (k+1)*f), centred on those slices.
+        # docs/DESIGN.md: thick k covers thin [offset + k*f, offset + (k+1)*f), centred on those slices.
         expected = simulate_thick(sample["thin.npy"][offset:], FACTOR)[: thick.shape[0]]
         np.testing.assert_array_equal(thick, expected)
         z_centre = info["thin_origin_mm"][2] + offset + (FACTOR - 1) / 2

@@ -1,7 +1,7 @@
 """The trainer (ctld/train.py) end to end: real `accelerate launch` runs on shards built by `ctld-shards build`.
 
 Every multi-process test reads back the world size the run really got (config.yaml `_run`): a launch that
-silently starts one process (STACK.md: `--cpu --num_processes 2`) must fail here, not pass.
+silently starts one process (`accelerate launch --cpu --num_processes 2` does) must fail here, not pass.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from ctld.data.volume import Volume
 
 logger = logging.getLogger(__name__)
 
-# Transfer syntaxes no installed plugin decodes (STACK.md): retired JPEG spectral selection / progressive.
+# Transfer syntaxes no installed pixel-data plugin decodes: retired JPEG spectral selection / progressive.
 UNSUPPORTED_SYNTAXES = {
     "1.2.840.10008.1.2.4.53": "JPEG Spectral Selection, Non-Hierarchical (retired)",
     "1.2.840.10008.1.2.4.55": "JPEG Full Progression, Non-Hierarchical (retired)",

@@ -146,7 +146,7 @@ def make_sample(
     inplane_spacing_mm: float = 0.0,
     thick_profile: str = "box",
 ) -> dict:
-    """The shard sample (DESIGN.md, Shard sample) of a thin volume and its real or simulated thick partner.
+    """The shard sample (docs/DESIGN.md, Shard sample) of a thin volume and its real or simulated thick partner.
 
     Returns the encoded sample (`ctld.data.shards.encode_sample`)."""
     if thin.hu.shape[0] < factor:

@@ -1,7 +1,7 @@
 """Aligned thick/thin patch sampling and augmentation: pure array functions plus thin sample-dict wrappers
 (MONAI's array.py / dictionary.py split). The loader (ctld/data/loader.py) streams shards through these.
 
-Alignment (DESIGN.md, Thick/thin alignment): thick slice k covers thin slices [offset + k*f, offset + (k+1)*f).
+Alignment (docs/DESIGN.md, Thick/thin alignment): thick slice k covers thin slices [offset + k*f, offset + (k+1)*f).
 `covered_pair` (ctld/data/geometry.py) first cuts both volumes to the thick slices whose thin slab lies fully
 inside the thin volume, so from then on offset is 0 and thick slice k pairs with thin slices [k*f, (k+1)*f). A patch of
 `depth_thick` thick slices from k0 pairs with thin slices [k0*f, (k0 + depth_thick)*f) and the same
@@ -20,7 +20,7 @@ import numpy as np
 
 from ctld.data.geometry import covered_pair
 
-AIR_HU = -1024  # fill value for padding (DESIGN.md, Intensities: hu_min maps air to -1)
+AIR_HU = -1024  # fill value for padding (docs/DESIGN.md, Intensities: hu_min maps air to -1)
 # A voxel counts as foreground above this. Air reads about -1000 +- noise; lung parenchyma about -850 to
 # -700, so lung crops count as foreground while the air around the patient does not.
 FOREGROUND_HU = -900.0
@@ -151,7 +151,7 @@ def sample_patch_pairs(
 
     Args:
         thick: (Dk, H, W) HU; thin: (D, H, W) HU on the same in-plane grid.
-        factor, offset: the pair's alignment (DESIGN.md, Thick/thin alignment).
+        factor, offset: the pair's alignment (docs/DESIGN.md, Thick/thin alignment).
         count: patches to draw (K).
         rng: the only source of randomness, so a seeded stream is reproducible.
         augment: apply one random in-plane symmetry per patch, the same on thick and thin.

@@ -1,6 +1,6 @@
 """Pure array transforms (MONAI's array.py style); sample-dict wrappers live next to their users.
 
-Intensity contract (DESIGN.md, Intensities): x = 2 * clip((HU - hu_min) / (hu_max - hu_min), 0, 1) - 1.
+Intensity contract (docs/DESIGN.md, Intensities): x = 2 * clip((HU - hu_min) / (hu_max - hu_min), 0, 1) - 1.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ HU_WINDOWS: dict[str, tuple[float, float]] = {
 
 
 def window_to_unit(hu: ArrayLike, lo: float, hi: float) -> ArrayLike:
-    """HU -> [0, 1] in the window [lo, hi] (metrics and pictures; DESIGN.md, Intensities)."""
+    """HU -> [0, 1] in the window [lo, hi] (metrics and pictures; docs/DESIGN.md, Intensities)."""
     if isinstance(hu, torch.Tensor):
         return ((hu.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
     return np.clip((np.asarray(hu, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)

@@ -1,6 +1,6 @@
 """`Volume`: one CT series in memory, the contract between readers, the shard builder and inference.
 
-Geometry (DESIGN.md, Volumes): `hu` is (D, H, W) int16, D along the slice normal in increasing position.
+Geometry (docs/DESIGN.md, Volumes): `hu` is (D, H, W) int16, D along the slice normal in increasing position.
 The world (patient LPS, mm) position of voxel index (k, j, i) = (slice, row, column) is
 
     origin_mm + direction @ (i * dx, j * dy, k * dz)        with spacing_mm = (dz, dy, dx)

@@ -3,7 +3,7 @@
 Input = the noisy residual (B, C, D_thin, h, w), the prior latent (B, C, D_thin, h, w) (the thin latent estimated
 from the thick slices, e.g. the encoded slab-filter volume) and a one-hot of each thin slice's phase inside its
 thick slab (`factor` channels: the prior's error depends on where in the slab a slice sits, which convolutions
-cannot tell on their own). Windows start on slab boundaries (DESIGN.md, thick/thin alignment), so the phase of
+cannot tell on their own). Windows start on slab boundaries (docs/DESIGN.md, thick/thin alignment), so the phase of
 latent slice d is d % factor. The output layer starts at zero: an untrained model predicts a zero residual, i.e.
 returns its prior. Each level transition halves h and w and, where
 `depth_downsample` says so, depth too: the 40-slice latent of a 8 -> 40 patch becomes 20 and 10 slices deep,

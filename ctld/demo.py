@@ -208,7 +208,7 @@ def _held_out_from_shards(shards_dir: Path, out: Path) -> dict:
     )
     held = out / "heldout"
     held.mkdir(parents=True, exist_ok=True)
-    write_nifti(thick, held / "thick.nii.gz")
+    write_nifti(thick, held / "thick.nii.gz", overwrite=True)  # rewritten on every rerun
     factor, offset = int(info["factor"]), int(info.get("offset", 0))
     target = thin_hu[offset : offset + thick_hu.shape[0] * factor]
     np.save(held / "thin_target.npy", target)

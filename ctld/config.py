@@ -59,7 +59,7 @@ class ShardsConfig:
     """`ctld-shards build` settings."""
 
     out_dir: str = "shards"
-    salt: str = ""  # secret salt for the patient/series hashes; empty = CTLD_SALT env or a per-folder random salt
+    salt: str = ""  # secret salt for the patient/series hashes; empty = $CTLD_SALT or a per-user random salt
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     thick_min_spacing_mm: float = 3.0  # a series with slice spacing >= this is "thick"
@@ -390,16 +390,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return build_config(raw)
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) for YAML/JSON."""
-    return json.loads(json.dumps(asdict(cfg)))
+REDACTED = "<redacted>"  # shards.salt as written out: it keys the patient hashes, so it never leaves the config
 
 
-def save_config(cfg: Config, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write the resolved config (plus e.g. git commit and package versions) atomically."""
+def config_to_dict(cfg: Config, *, redact: bool = True) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON. A set `shards.salt` reads REDACTED (an empty one stays
+    empty), so the salt never reaches a run's config.yaml, TensorBoard or a log; `redact=False` only for a config
+    that is the input of a later stage."""
+    doc = json.loads(json.dumps(asdict(cfg)))
+    if redact and doc["shards"]["salt"]:
+        doc["shards"]["salt"] = REDACTED
+    return doc
+
+
+def save_config(cfg: Config, path: str | Path, extra: dict[str, Any] | None = None, *, redact: bool = True) -> None:
+    """Write the resolved config (plus e.g. git commit and package versions) atomically; the salt is redacted
+    (`config_to_dict`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = config_to_dict(cfg)
+    doc = config_to_dict(cfg, redact=redact)
     if extra:
         doc["_run"] = extra
     tmp = path.with_name(path.name + ".tmp")
@@ -417,7 +426,8 @@ def load_saved_config(path: str | Path) -> Config:
 
 
 def flatten_config(cfg: Config) -> dict[str, bool | int | float | str]:
-    """`{"train.lr": 1e-4, ...}` with only bool/str/int/float values, as TensorBoard hparams require."""
+    """`{"train.lr": 1e-4, ...}` with only bool/str/int/float values, as TensorBoard hparams require (salt
+    redacted)."""
     flat: dict[str, bool | int | float | str] = {}
     for section, values in config_to_dict(cfg).items():
         for key, value in values.items():

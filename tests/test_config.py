@@ -8,6 +8,7 @@ import yaml
 from ctld.config import (
     Config,
     ConfigError,
+    config_to_dict,
     flatten_config,
     load_config,
     load_saved_config,
@@ -168,3 +169,19 @@ def test_literal_text_survives_save_and_reload(tmp_path, repo_root):
     cfg = load_config(repo_root / "configs" / "tiny.yaml", ["--train.mixed_precision=no", "--train.run_name=2.0"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_saved_config(tmp_path / "config.yaml") == cfg
+
+
+def test_salt_is_redacted_wherever_the_config_is_written(tmp_path, repo_root):
+    """Issue 15: shards.salt never reaches a run's config.yaml, TensorBoard hparams or the start log."""
+    secret = "s3cret-salt-value-42"
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", [f"--shards.salt={secret}"])
+    assert cfg.shards.salt == secret  # the builder still gets it
+    save_config(cfg, tmp_path / "config.yaml", extra={"git_commit": "abc"})
+    text = (tmp_path / "config.yaml").read_text()
+    assert secret not in text and "<redacted>" in text
+    flat = flatten_config(cfg)
+    assert flat["shards.salt"] == "<redacted>" and secret not in repr(flat)
+    assert config_to_dict(cfg)["shards"]["salt"] == "<redacted>"
+    assert config_to_dict(cfg, redact=False)["shards"]["salt"] == secret
+    empty = load_config(repo_root / "configs" / "tiny.yaml")
+    assert flatten_config(empty)["shards.salt"] == ""  # nothing set: nothing to hide

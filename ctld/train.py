@@ -10,7 +10,7 @@ One GPU (or CPU):
     accelerate launch --config_file launch/zero2.yaml --num_processes 8 ctld/train.py configs/base.yaml ...
 Preemptible clusters: add --train.resume=latest. The first launch starts fresh, every restart continues from
 the newest complete checkpoint. SIGTERM on any rank: every rank stops at the same step, saves a checkpoint and
-exits 0. Multi-process `accelerate launch` (torchrun) forwards SIGTERM and SIGKILLs the workers
+exits 143 (preempted). Multi-process `accelerate launch` (torchrun) forwards SIGTERM and SIGKILLs the workers
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default 30) seconds later; a single-process `accelerate launch` does not forward
 it, so run one process as `python ctld/train.py CONFIG ...`.
 2-process CPU run (what the tests do):
@@ -282,6 +282,10 @@ def train(cfg: Config) -> None:
                     "--train.resume=latest")
     accelerator.end_training()
     stop.restore()
+    if stopped_by:  # preempted, not finished: a retryable exit code for the PyTorchJob (k8s/README.md)
+        from ctld.checkpointing import exit_preempted
+
+        exit_preempted()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -261,7 +261,8 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from error
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+        kind = "text" if isinstance(raw, str) else type(raw).__name__
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {kind}")
     base = raw.pop("base", None)
     merged: dict[str, Any] = {}
     if base is not None:
@@ -302,6 +303,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             value = _yaml_value(value)
         elif _yaml_value(value) is None and type(None) in args:
             return None
+    if isinstance(value, list) and origin not in (tuple, list):  # shown in the error below as YAML reads it
+        value = [_yaml_value(v) if isinstance(v, _PlainText) else v for v in value]
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):

@@ -184,7 +184,7 @@ def discover(
             source, prefix, depth = pending.pop(0)
             for path, rel in walk_files(source):
                 rel = prefix + rel
-                if not is_zip(path):
+                if path.suffix.lower() != ".zip":  # a broken .zip is refused by name below, not read as DICOM
                     files.append((path, rel))
                     continue
                 if depth >= MAX_NESTING:

@@ -15,11 +15,21 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Child processes (accelerate launch, DeepSpeed's JIT build via ninja) use the venv's tools, not the system's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: test lint venv clean demo
+# Supported Python: 3.11 or newer (setup.py's python_requires; the pins in constraints.txt need it). Checked before
+# the venv is created, so an older python3 fails in one line instead of deep inside pip.
+PYTHON_MIN := 3.11
+PYTHON_CHECK := import sys; need = tuple(map(int, "$(PYTHON_MIN)".split("."))); \
+	sys.exit(0 if sys.version_info >= need else "ctld needs Python $(PYTHON_MIN) or newer; $(PYTHON) is " \
+	+ sys.version.split()[0] + ": run make with PYTHON=python$(PYTHON_MIN) (or newer)")
+
+.PHONY: test lint venv clean demo check-python
 
 venv: $(STAMP)
 
-$(STAMP): setup.py constraints.txt
+check-python:
+	@test -x $(BIN)/python || $(PYTHON) -c '$(PYTHON_CHECK)'
+
+$(STAMP): setup.py constraints.txt | check-python
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" -e ".[dev]"
 	touch $(STAMP)

@@ -66,7 +66,7 @@ def build_shard_set(work: Path, *, volumes: int, thin_depth: int, size: int) -> 
     sources = work / "nifti"
     for index in range(volumes):
         volume = Volume(synthetic_ct(thin_depth, size, index), (1.0, 0.8, 0.8), (0.0, 0.0, 0.0), np.eye(3))
-        write_nifti(volume, sources / f"case{index:03d}.nii")
+        write_nifti(volume, sources / f"case{index:03d}.nii", overwrite=True)  # a reused --work_dir
     out = work / "shards"
     argv = [
         "build", str(sources), "--out", str(out), "--shards.salt=bench", "--shards.val_fraction=0",

@@ -16,6 +16,7 @@ is killed half-way through a save. The run directory must be on a filesystem all
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -169,11 +170,26 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+# Exit code of a run stopped by SIGTERM/SIGINT after its checkpoint: 128 + SIGTERM, what a process killed by SIGTERM
+# reports. "Preempted, resume me": the PyTorchJob's `restartPolicy: ExitCode` restarts 128-255 and treats 1-127 as
+# permanent; 0 is finished (k8s/README.md). launch/multinode.sh names a file in $CTLD_PREEMPTED_FILE, since torchrun
+# itself exits 1 whatever its workers' codes were.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+def exit_preempted() -> None:
+    """End a run that saved its stop checkpoint: note it for launch/multinode.sh, exit PREEMPTED_EXIT_CODE."""
+    marker = os.environ.get("CTLD_PREEMPTED_FILE")
+    if marker:
+        Path(marker).touch()
+    raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
 class StopRequest:
     """Turns SIGTERM (Kubernetes preemption, `kubectl delete`) and SIGINT into a flag the loop polls.
 
     The handler only sets a flag; the loop reduces it over ranks each step (`should_stop`), so every rank
-    stops at the same step, saves a checkpoint together and exits 0.
+    stops at the same step, saves a checkpoint together and exits PREEMPTED_EXIT_CODE (`exit_preempted`).
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):

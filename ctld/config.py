@@ -6,6 +6,11 @@
 A YAML file may name a file it extends with a top-level `base:` key (a path relative to that file);
 sections are merged key by key, so `configs/tiny.yaml` only lists what differs from `configs/base.yaml`.
 Unknown keys fail with the closest valid key; values are checked against the field types.
+
+Values are typed by their field, not by YAML's guess: a str field (or a choice of strings) takes the text as
+written, unquoted in a YAML file or on the command line, so `--train.mixed_precision=no`, `mixed_precision: no`
+(a YAML 1.1 boolean), `--train.run_name=2.10` and `shards.salt: 0123` keep their exact text. Other fields read
+unquoted text as YAML would (`augment: no` is false, `lr: 2e-4` a number); quoted text is always a string.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class ShardsConfig:
     """`ctld-shards build` settings."""
 
     out_dir: str = "shards"
-    salt: str = ""  # secret salt for the patient/series hashes; empty = CTLD_SALT env or a per-folder random salt
+    salt: str = ""  # secret salt for the patient/series hashes; empty = $CTLD_SALT or a per-user random salt
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     thick_min_spacing_mm: float = 3.0  # a series with slice spacing >= this is "thick"
@@ -203,6 +208,47 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the dataclasses above."""
 
 
+class _PlainText(str):
+    """Unquoted text from a YAML file or a `--key=value` override; `_coerce` types it by the field it is for.
+    (Mapping YAML's booleans back to words would be guesswork: `no`, `No`, `off` and `false` all read as False.)"""
+
+
+class _TextLoader(yaml.SafeLoader):
+    """SafeLoader that keeps every unquoted scalar as `_PlainText` (only `<<` merge keys are still resolved)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:merge"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+        if any(tag == "tag:yaml.org,2002:merge" for tag, _ in resolvers)
+    }
+
+    def construct_text(self, node: yaml.ScalarNode) -> str:
+        value = self.construct_scalar(node)
+        return _PlainText(value) if node.style is None else str(value)
+
+
+_TextLoader.add_constructor("tag:yaml.org,2002:str", _TextLoader.construct_text)
+
+
+def _yaml_value(text: str) -> Any:
+    """What YAML makes of unquoted `text` (bool, int, float, None or str); "2e-4" is a number too (YAML 1.1
+    wants "2.0e-4"), as users mean it."""
+    tag = yaml.resolver.Resolver().resolve(yaml.ScalarNode, str(text), (True, False))
+    value = yaml.constructor.SafeConstructor().construct_object(yaml.ScalarNode(tag, str(text)))
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _takes_text(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    return typing.get_origin(annotation) is Literal and all(isinstance(a, str) for a in typing.get_args(annotation))
+
+
 def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
@@ -210,9 +256,13 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/base.yaml")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        try:
+            raw = yaml.load(f, Loader=_TextLoader) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from error
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+        kind = "text" if isinstance(raw, str) else type(raw).__name__
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {kind}")
     base = raw.pop("base", None)
     merged: dict[str, Any] = {}
     if base is not None:
@@ -239,6 +289,22 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against the field type; convert the few lossless cases (int -> float, list -> tuple)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if isinstance(value, _PlainText):
+        if _takes_text(annotation):
+            value = str(value)  # the text as written
+        elif origin in (tuple, list):
+            try:  # a `--key=[1, 2]` override
+                value = yaml.load(value, Loader=_TextLoader)
+            except yaml.YAMLError:
+                pass
+            if isinstance(value, _PlainText):
+                value = _yaml_value(value)
+        elif origin not in (typing.Union, types.UnionType):
+            value = _yaml_value(value)
+        elif _yaml_value(value) is None and type(None) in args:
+            return None
+    if isinstance(value, list) and origin not in (tuple, list):  # shown in the error below as YAML reads it
+        value = [_yaml_value(v) if isinstance(v, _PlainText) else v for v in value]
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -280,7 +346,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def parse_overrides(argv: list[str]) -> dict[str, dict[str, Any]]:
-    """`["--train.lr=2e-4"]` -> `{"train": {"lr": 0.0002}}`; values are parsed as YAML scalars/lists."""
+    """`["--train.lr=2e-4"]` -> `{"train": {"lr": "2e-4"}}`: the text as written, typed by its field when the
+    config is built (a number for train.lr; the exact text for a str field such as train.run_name)."""
     overrides: dict[str, dict[str, Any]] = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
@@ -289,14 +356,7 @@ def parse_overrides(argv: list[str]) -> dict[str, dict[str, Any]]:
         if key.count(".") != 1:
             raise _unknown_key_error(key, _all_keys())
         section, name = key.split(".")
-        value = yaml.safe_load(text) if text != "" else ""
-        # YAML reads "2e-4" as a string (it wants "2.0e-4"); numbers are what users mean.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in ".eE") else int(value)
-            except ValueError:
-                pass
-        overrides.setdefault(section, {})[name] = value
+        overrides.setdefault(section, {})[name] = _PlainText(text)
     return overrides
 
 
@@ -333,16 +393,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return build_config(raw)
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) for YAML/JSON."""
-    return json.loads(json.dumps(asdict(cfg)))
+REDACTED = "<redacted>"  # shards.salt as written out: it keys the patient hashes, so it never leaves the config
 
 
-def save_config(cfg: Config, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write the resolved config (plus e.g. git commit and package versions) atomically."""
+def config_to_dict(cfg: Config, *, redact: bool = True) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON. A set `shards.salt` reads REDACTED (an empty one stays
+    empty), so the salt never reaches a run's config.yaml, TensorBoard or a log; `redact=False` only for a config
+    that is the input of a later stage."""
+    doc = json.loads(json.dumps(asdict(cfg)))
+    if redact and doc["shards"]["salt"]:
+        doc["shards"]["salt"] = REDACTED
+    return doc
+
+
+def save_config(cfg: Config, path: str | Path, extra: dict[str, Any] | None = None, *, redact: bool = True) -> None:
+    """Write the resolved config (plus e.g. git commit and package versions) atomically; the salt is redacted
+    (`config_to_dict`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = config_to_dict(cfg)
+    doc = config_to_dict(cfg, redact=redact)
     if extra:
         doc["_run"] = extra
     tmp = path.with_name(path.name + ".tmp")
@@ -360,7 +429,8 @@ def load_saved_config(path: str | Path) -> Config:
 
 
 def flatten_config(cfg: Config) -> dict[str, bool | int | float | str]:
-    """`{"train.lr": 1e-4, ...}` with only bool/str/int/float values, as TensorBoard hparams require."""
+    """`{"train.lr": 1e-4, ...}` with only bool/str/int/float values, as TensorBoard hparams require (salt
+    redacted)."""
     flat: dict[str, bool | int | float | str] = {}
     for section, values in config_to_dict(cfg).items():
         for key, value in values.items():

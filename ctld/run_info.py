@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ def run_info(cfg: Config, accelerator: Accelerator, frozen_vae, resume_from, ste
     inplane = 2 ** (len(cfg.vae.channels) - 1)
     latent_hw = cfg.data.patch_size // inplane
     return {
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "stage": cfg.train.stage,
         "world_size": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type.value),

@@ -10,7 +10,7 @@ One GPU (or CPU):
     accelerate launch --config_file launch/zero2.yaml --num_processes 8 ctld/train.py configs/base.yaml ...
 Preemptible clusters: add --train.resume=latest. The first launch starts fresh, every restart continues from
 the newest complete checkpoint. SIGTERM on any rank: every rank stops at the same step, saves a checkpoint and
-exits 0. Multi-process `accelerate launch` (torchrun) forwards SIGTERM and SIGKILLs the workers
+exits 143 (preempted). Multi-process `accelerate launch` (torchrun) forwards SIGTERM and SIGKILLs the workers
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default 30) seconds later; a single-process `accelerate launch` does not forward
 it, so run one process as `python ctld/train.py CONFIG ...`.
 2-process CPU run (what the tests do):
@@ -46,7 +46,14 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ctld.calibration import estimate_residual_scale, estimate_scaling_factor, fit_slab_filter_on_shards
-from ctld.checkpointing import StopRequest, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from ctld.checkpointing import (
+    StopRequest,
+    exit_preempted,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from ctld.config import Config, check, flatten_config, load_config, save_config
 from ctld.data.loader import TrainStream
 from ctld.data.shards import manifest_thin_spacing_mm, shard_urls
@@ -253,6 +260,8 @@ def train(cfg: Config) -> None:
                     "--train.resume=latest")
     accelerator.end_training()
     stop.restore()
+    if stopped_by:  # preempted, not finished: a retryable exit code for the PyTorchJob (k8s/README.md)
+        exit_preempted()
 
 
 # ---------------------------------------------------------------------------------------------------------------

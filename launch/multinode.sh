@@ -160,6 +160,34 @@ fi
 
 echo "launch/multinode.sh: node $node_rank/$nnodes, $procs_per_node process(es) per node, $num_processes in all, \
 master $MASTER_ADDR:$MASTER_PORT, $distributed_type$( ((cpu_mode)) && echo ' on CPU')" >&2
-# exec: accelerate (torchrun's agent) becomes the container's PID 1 and receives the pod's SIGTERM, which it
-# forwards to every training process so they can save a checkpoint.
-exec "$python" -m accelerate.commands.launch "${args[@]}" "$@"
+# Exit code of this pod (k8s/README.md, restartPolicy ExitCode): 0 finished; 143 preempted (this pod got SIGTERM,
+# or the training processes stopped with their SIGTERM checkpoint because another pod got it), restarted and
+# resumed; anything else as accelerate returns it (1: a failure that a restart would repeat). torchrun exits 1
+# whatever its workers' codes were, so ctld/train.py touches $CTLD_PREEMPTED_FILE when it stops preempted.
+preempted_exit_code=143
+marker_dir=$(mktemp -d)
+export CTLD_PREEMPTED_FILE=$marker_dir/preempted
+child=
+signalled=0
+forward() {  # the pod's SIGTERM (or Ctrl-C) goes on to accelerate (torchrun's agent), which forwards it to every
+    signalled=1  # training process so they can save a checkpoint
+    [[ -n $child ]] && kill -s "$1" "$child" 2>/dev/null || true
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+"$python" -m accelerate.commands.launch "${args[@]}" "$@" &
+child=$!
+status=0
+while true; do
+    wait "$child" && status=0 || status=$?
+    kill -0 "$child" 2>/dev/null || break  # `wait` also returns when a trapped signal arrives
+done
+preempted=0
+[[ -f $CTLD_PREEMPTED_FILE ]] && preempted=1
+rm -rf "$marker_dir"
+if ((signalled || preempted)) && ((status != 0)); then
+    echo "launch/multinode.sh: preempted (training stopped with a checkpoint); exit $preempted_exit_code so the \
+PyTorchJob restarts this pod and it resumes from the last checkpoint" >&2
+    exit "$preempted_exit_code"
+fi
+exit "$status"

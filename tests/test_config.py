@@ -8,6 +8,7 @@ import yaml
 from ctld.config import (
     Config,
     ConfigError,
+    config_to_dict,
     flatten_config,
     load_config,
     load_saved_config,
@@ -55,7 +56,7 @@ def test_overrides_are_typed(repo_root):
 
 
 def test_int_is_accepted_for_float():
-    assert parse_overrides(["--train.lr=1"]) == {"train": {"lr": 1}}
+    assert parse_overrides(["--train.lr=1"]) == {"train": {"lr": "1"}}  # text, typed by the field
     cfg = load_config_from_dict({"train": {"lr": 1}})
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
 
@@ -124,3 +125,63 @@ def test_flatten_gives_tensorboard_types(repo_root):
     assert flat["train.lr"] == pytest.approx(1e-4)
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
     assert flat["diffusion.min_snr_gamma"] == "None"  # null: TensorBoard hparams hold no None
+
+
+# Issue 15: a str field takes the text the user wrote, whatever YAML would make of it.
+@pytest.mark.parametrize(
+    "override, section, key, expected",
+    [
+        ("--train.mixed_precision=no", "train", "mixed_precision", "no"),
+        ("--train.run_name=2.0", "train", "run_name", "2.0"),
+        ("--train.run_name=2.10", "train", "run_name", "2.10"),
+        ("--train.run_name=007", "train", "run_name", "007"),
+        ("--train.run_name=yes", "train", "run_name", "yes"),
+        ("--train.run_name=null", "train", "run_name", "null"),
+        ("--train.resume=1e3", "train", "resume", "1e3"),
+        ("--shards.salt=0123", "shards", "salt", "0123"),
+        ("--train.lr_scheduler=off", "train", "lr_scheduler", "off"),
+        ("--diffusion.beta_schedule=true", "diffusion", "beta_schedule", "true"),
+    ],
+)
+def test_str_override_keeps_the_literal_text(repo_root, override, section, key, expected):
+    cfg = load_config(repo_root / "configs" / "base.yaml", [override])
+    assert getattr(getattr(cfg, section), key) == expected
+
+
+def test_str_field_in_yaml_keeps_the_literal_text(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixed_precision: no\n  run_name: 2.10\n  resume: 1e3\nshards:\n  salt: 0x1F\n"
+                    "data:\n  augment: no\n  factor: 5\n  hu_min: -1_000\n")
+    cfg = load_config(path)
+    assert cfg.train.mixed_precision == "no" and cfg.train.run_name == "2.10" and cfg.train.resume == "1e3"
+    assert cfg.shards.salt == "0x1F"
+    assert cfg.data.augment is False and cfg.data.factor == 5 and cfg.data.hu_min == -1000.0  # non-str: YAML values
+
+
+def test_quoted_number_is_not_an_int(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text('data:\n  factor: "5"\n')
+    with pytest.raises(ConfigError, match="must be an integer"):
+        load_config(path)
+
+
+def test_literal_text_survives_save_and_reload(tmp_path, repo_root):
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", ["--train.mixed_precision=no", "--train.run_name=2.0"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_saved_config(tmp_path / "config.yaml") == cfg
+
+
+def test_salt_is_redacted_wherever_the_config_is_written(tmp_path, repo_root):
+    """Issue 15: shards.salt never reaches a run's config.yaml, TensorBoard hparams or the start log."""
+    secret = "s3cret-salt-value-42"
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", [f"--shards.salt={secret}"])
+    assert cfg.shards.salt == secret  # the builder still gets it
+    save_config(cfg, tmp_path / "config.yaml", extra={"git_commit": "abc"})
+    text = (tmp_path / "config.yaml").read_text()
+    assert secret not in text and "<redacted>" in text
+    flat = flatten_config(cfg)
+    assert flat["shards.salt"] == "<redacted>" and secret not in repr(flat)
+    assert config_to_dict(cfg)["shards"]["salt"] == "<redacted>"
+    assert config_to_dict(cfg, redact=False)["shards"]["salt"] == secret
+    empty = load_config(repo_root / "configs" / "tiny.yaml")
+    assert flatten_config(empty)["shards.salt"] == ""  # nothing set: nothing to hide

@@ -259,6 +259,18 @@ def test_nifti_round_trip_keeps_geometry(tmp_path):
     assert read.case_id == dicom.anon_id("case", SALT, "patient")
 
 
+def test_nifti_output_refuses_an_existing_file(tmp_path):
+    """Issue 15: like DICOM output, NIfTI output never replaces a file silently; overwrite=True means it."""
+    path = tmp_path / "case.nii.gz"
+    write_nifti(_volume(), path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match=r"case\.nii\.gz already exists.*new path"):
+        write_nifti(_volume(seed=7), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["case.nii.gz"]
+    write_nifti(_volume(seed=7), path, overwrite=True)
+    assert read_nifti(path, SALT).hu[0, 0, 0] == _volume(seed=7).hu[0, 0, 0]
+
+
 @pytest.mark.parametrize("suffix", [".npy", ".pt"])
 def test_cache_volume_with_sidecar(tmp_path, suffix):
     stored = np.arange(6 * 4 * 5, dtype=np.int16).reshape(1, 6, 4, 5)

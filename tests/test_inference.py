@@ -141,6 +141,32 @@ def test_thin_volume_geometry():
     assert thin.meta["slice_thickness_mm"] == 1.0
 
 
+def test_non_finite_model_output_is_refused_not_written(tmp_path, monkeypatch, infer_tiny_export, capsys):
+    """Issue 15: a NaN from the model stops ctld-infer with one line and exit 2; nothing is written."""
+    import ctld.inference as inference
+    from ctld.data.nifti import write_nifti
+
+    with pytest.raises(ValueError, match="not finite"):
+        thin_volume_like(Volume(_thick((2, 4, 4)), (5.0, 1.0, 1.0), (0, 0, 0), np.eye(3)),
+                         np.full((10, 4, 4), np.nan), 5)
+    real = inference.interpolate_volume
+
+    def diverged(*args, **kwargs):
+        thin_hu = real(*args, **kwargs)
+        thin_hu[3, 2, 1] = np.nan
+        return thin_hu
+
+    monkeypatch.setattr(inference, "interpolate_volume", diverged)
+    thick = Volume(_thick((4, 16, 16)), (7.5, 1.5, 1.5), (0.0, 0.0, 0.0), np.eye(3))
+    write_nifti(thick, tmp_path / "thick.nii.gz")
+    code = main([str(tmp_path / "thick.nii.gz"), "--checkpoint", str(infer_tiny_export), "--out",
+                 str(tmp_path / "out.nii.gz"), "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "1 of 5120 voxels are not finite" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
 def test_inputs_the_model_cannot_handle_are_refused():
     tilted = np.eye(3)
     tilted[:, 2] = [0.0, np.sin(np.radians(15)), np.cos(np.radians(15))]

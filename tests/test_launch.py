@@ -266,6 +266,59 @@ def test_multinode_rejects_wrong_config_and_gpu_mode_without_gpus():
     assert no_gpu.returncode == 2 and "no GPU visible" in no_gpu.stderr
 
 
+# A python for launch/multinode.sh whose `-m accelerate.commands.launch` only acts out an ending ($FAKE_LAUNCH);
+# everything else (the config read) runs the real interpreter.
+FAKE_PYTHON = """#!/bin/bash
+if [[ $1 == -m ]]; then
+    case $FAKE_LAUNCH in
+        finish) exit 0 ;;
+        fail) exit 1 ;;
+        preempted) touch "$CTLD_PREEMPTED_FILE"; exit 1 ;;  # ctld/train.py's stop; torchrun then exits 1
+        wait)
+            trap 'echo TERM > "$FAKE_DIR/got"; exit 1' TERM
+            touch "$FAKE_DIR/started"
+            while true; do sleep 0.1; done ;;
+    esac
+fi
+exec {python} "$@"
+"""
+
+
+def _fake_launch(tmp_path: Path, mode: str) -> subprocess.Popen:
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    env = _env(CTLD_CPU="1", GPUS_PER_NODE="2", PET_NNODES="1", PET_NODE_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29500", PYTHON=str(fake), FAKE_LAUNCH=mode, FAKE_DIR=str(tmp_path))
+    return subprocess.Popen(["bash", str(MULTINODE), "launch/cpu_ddp.yaml", "ctld/train.py"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize(("mode", "code"), [("finish", 0), ("fail", 1), ("preempted", 143)])
+def test_multinode_exit_code_tells_finished_failed_and_preempted_apart(tmp_path, mode, code):
+    """Issue 15: the PyTorchJob's restartPolicy ExitCode restarts 128-255 only; torchrun exits 1 for any failure of
+    its workers, so multinode.sh turns "stopped with a SIGTERM checkpoint" into 143."""
+    launch = _fake_launch(tmp_path, mode)
+    _out, err = launch.communicate(timeout=60)
+    assert launch.returncode == code, err
+    assert ("preempted" in err) == (code == 143)
+
+
+def test_multinode_forwards_the_pods_sigterm_and_exits_preempted(tmp_path):
+    import signal
+    import time
+
+    launch = _fake_launch(tmp_path, "wait")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():
+        assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()[1]
+        time.sleep(0.05)
+    launch.send_signal(signal.SIGTERM)
+    _out, err = launch.communicate(timeout=60)
+    assert (tmp_path / "got").read_text().strip() == "TERM"  # accelerate got the signal to forward to the ranks
+    assert launch.returncode == 143, err
+
+
 def test_multinode_two_nodes_on_one_machine_join_one_process_group(tmp_path):
     """Two "nodes" (two multinode.sh processes, ranks 0 and 1) rendezvous at MASTER_ADDR:MASTER_PORT."""
     script = tmp_path / "all_reduce.py"

@@ -86,13 +86,53 @@ def test_no_identifying_string_in_any_shard_byte_or_manifest(built_shards, synth
     assert not (built_shards / ".salt").exists()  # a configured salt is never written down
 
 
-def test_random_salt_file_is_private_and_reused(tmp_path, monkeypatch):
+def test_random_salt_file_is_private_reused_and_outside_the_shard_folder(tmp_path, monkeypatch):
+    """Issue 15: the default salt lives per user (XDG config folder), not in the shard folder users copy."""
     monkeypatch.delenv("CTLD_SALT", raising=False)
+    monkeypatch.delenv("CTLD_SALT_FILE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     out = tmp_path / "s"
     out.mkdir()
     salt = build_shards.resolve_salt("", out)
-    assert (out / ".salt").stat().st_mode & 0o777 == 0o600
+    salt_file = tmp_path / "config" / "ctld" / "salt"
+    assert salt_file.stat().st_mode & 0o777 == 0o600 and salt_file.read_text().strip() == salt
+    assert list(out.iterdir()) == []
     assert build_shards.resolve_salt("", out) == salt and len(salt) == 64
+    assert build_shards.resolve_salt("", tmp_path / "other") == salt  # every build of this user hashes alike
+    monkeypatch.setenv("CTLD_SALT_FILE", str(tmp_path / "elsewhere" / "my.salt"))
+    other = build_shards.resolve_salt("", out)
+    assert other != salt and (tmp_path / "elsewhere" / "my.salt").read_text().strip() == other
+
+
+def test_legacy_salt_in_the_shard_folder_is_used_and_moved_out(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("CTLD_SALT", raising=False)
+    monkeypatch.setenv("CTLD_SALT_FILE", str(tmp_path / "user" / "salt"))
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / ".salt").write_text("legacy-salt-1234\n")
+    assert build_shards.resolve_salt("", out) == "legacy-salt-1234"  # reruns hash as before
+    assert not (out / ".salt").exists() and (tmp_path / "user" / "salt").read_text().strip() == "legacy-salt-1234"
+    assert "moved" in caplog.text and str(tmp_path / "user" / "salt") in caplog.text
+    # A second legacy folder with another salt keeps its own (and is told to move it out).
+    other = tmp_path / "t"
+    other.mkdir()
+    (other / ".salt").write_text("second-salt\n")
+    assert build_shards.resolve_salt("", other) == "second-salt" and (other / ".salt").exists()
+    assert "differs" in caplog.text
+
+
+def test_default_salt_never_lands_in_the_shard_folder(synthetic_dicom, tmp_path, monkeypatch):
+    monkeypatch.delenv("CTLD_SALT", raising=False)
+    monkeypatch.setenv("CTLD_SALT_FILE", str(tmp_path / "user" / "salt"))
+    out = tmp_path / "shards"
+    code = build_shards.main(["build", str(synthetic_dicom["studies"]["thin"]["dirs"]["thin"]), "--out", str(out),
+                              "--shards.num_workers=1", "--log_level=ERROR"])
+    assert code == 0
+    salt = (tmp_path / "user" / "salt").read_text().strip().encode()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and not (out / ".salt").exists()
+    for path in files:
+        assert salt not in path.read_bytes(), path
 
 
 def test_inspect_and_verify_name_corrupt_and_truncated_shards(built_shards, tmp_path, capsys):

@@ -22,7 +22,13 @@ import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ctld.checkpointing import CHECKPOINT_PREFIX, TRAINER_STATE, list_checkpoints, resolve_resume
+from ctld.checkpointing import (
+    CHECKPOINT_PREFIX,
+    PREEMPTED_EXIT_CODE,
+    TRAINER_STATE,
+    list_checkpoints,
+    resolve_resume,
+)
 from ctld.panels import LABEL_HEIGHT_PX, render_panel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -262,11 +268,19 @@ def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path, data_overrides, 
 @pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path, data_overrides):
     """SIGTERM to ONE of two DDP ranks: both stop at the same step, save a complete checkpoint together and exit
-    0; the run then resumes from it (here with one process)."""
+    143 ("preempted"); launch/multinode.sh, what every PyTorchJob pod runs, exits 143 too (torchrun alone exits 1),
+    so the job's ExitCode restart policy restarts it. The run then resumes from it (here with one process)."""
+    import socket
+
     overrides = [*data_overrides, f"--train.output_dir={tmp_path}", "--train.run_name=run", "--train.max_steps=100000",
                  "--train.checkpoint_every=100000", "--train.val_every=100000", "--train.image_every=100000",
                  "--train.scale_batches=0"]
-    cmd, env = _ddp_command(overrides)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = ["bash", "launch/multinode.sh", "launch/cpu_ddp.yaml", "ctld/train.py", TINY, *overrides]
+    env = _env(PYTHON=sys.executable, CTLD_CPU="1", GPUS_PER_NODE="2", PET_NNODES="1", PET_NODE_RANK="0",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
         launcher = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -284,7 +298,7 @@ def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path, data_ov
         if launcher.poll() is None:
             launcher.kill()
     text = log.read_text()
-    assert returncode == 0, f"launcher exited {returncode}:\n{text[-4000:]}"
+    assert returncode == PREEMPTED_EXIT_CODE == 143, f"launcher exited {returncode}:\n{text[-4000:]}"
     found = list_checkpoints(tmp_path / "run")
     assert len(found) == 1, found
     step, path = found[0]

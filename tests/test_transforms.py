@@ -21,6 +21,19 @@ def test_intensity_inverse_is_exact_for_integer_hu():
     np.testing.assert_array_equal(hu_to_int16(model_to_hu(x, -1024.0, 2048.0)), hu)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_hu_to_int16_refuses_non_finite_values(bad):
+    """Issue 15: NaN/Inf used to be cast silently (NaN became -32768 or 0) into the written series."""
+    hu = np.zeros((2, 3, 4))
+    hu[1, 2, 3] = bad
+    hu[0, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"2 of 24 voxels are not finite.*diverged"):
+        hu_to_int16(hu)
+    with pytest.raises(ValueError, match=r"2 of 24 voxels are not finite"):
+        hu_to_int16(torch.from_numpy(hu))
+    np.testing.assert_array_equal(hu_to_int16(np.array([-40000.0, 1.4, 40000.0])), [-32768, 1, 32767])  # saturates
+
+
 def test_intensity_torch_matches_numpy():
     hu = np.random.default_rng(0).integers(-2000, 3000, size=(4, 8, 8)).astype(np.int16)
     np.testing.assert_allclose(hu_to_model(torch.from_numpy(hu), -1024, 2048).numpy(), hu_to_model(hu, -1024, 2048))

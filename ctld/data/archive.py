@@ -8,11 +8,16 @@ letter or a `..` component, or is a symlink is refused, as is an archive whose m
 `max_bytes` or that holds more than `max_members` entries. Extraction counts the bytes it really writes, so a
 member whose header understates its size (a "zip bomb") is stopped at the limit, and nothing is written outside
 the temporary folder.
+
+Malformed but harmless members are skipped one by one, with a logged reason, and the rest of the archive is used:
+a member with no file name (`./`, `.`) and a file whose name another member uses as a folder (`a` beside
+`a/b.dcm`; the file is skipped, the folder's members are kept).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -28,6 +33,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 32 * 2**30
 DEFAULT_MAX_MEMBERS = 200_000
 MAX_NESTING = 2  # ZIPs inside ZIPs are opened this deep
+# Errors that say a member's name cannot be a file on this file system (too long, invalid, clashes with a folder).
+_BAD_NAME_ERRNOS = {errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ, errno.EISDIR, errno.ENOTDIR, errno.EEXIST}
 
 
 class UnsafeArchiveError(ValueError):
@@ -41,7 +48,8 @@ def is_zip(path: Path) -> bool:
 def _safe_member_path(name: str, archive: str) -> PurePosixPath:
     normalized = name.replace("\\", "/")
     member = PurePosixPath(normalized)
-    if normalized.startswith("/") or member.is_absolute() or ".." in member.parts or ":" in member.parts[0]:
+    first = member.parts[0] if member.parts else ""  # "./" and "." have no parts
+    if normalized.startswith("/") or member.is_absolute() or ".." in member.parts or ":" in first:
         raise UnsafeArchiveError(
             f"{archive}: member {name!r} would be written outside the extraction folder (absolute path, drive "
             "letter or '..'); refusing the whole archive. Re-create the ZIP with relative member names."
@@ -55,8 +63,11 @@ def safe_extract_zip(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_members: int = DEFAULT_MAX_MEMBERS,
+    skipped: list | None = None,
 ) -> list[Path]:
-    """Extract regular files of `zip_path` under `dest_dir`; returns their paths. Raises UnsafeArchiveError."""
+    """Extract regular files of `zip_path` under `dest_dir`; returns their paths. Raises UnsafeArchiveError.
+    Members skipped one by one (module docstring) are logged and, if given, appended to `skipped` as
+    (member name, reason)."""
     zip_path, dest_dir = Path(zip_path), Path(dest_dir).resolve()
     name = zip_path.name
     written: list[Path] = []
@@ -78,11 +89,20 @@ def safe_extract_zip(
                 "if the archive is genuine"
             )
         plan = []
+
+        def skip(member: zipfile.ZipInfo, reason: str) -> None:
+            logger.warning("%s: skipped member %r: %s", name, member.filename, reason)
+            if skipped is not None:
+                skipped.append((member.filename, reason))
+
         for member in members:
             relative = _safe_member_path(member.filename, name)
             mode = member.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise UnsafeArchiveError(f"{name}: member {member.filename!r} is a symbolic link; refusing the archive")
+            if not relative.parts or relative.parts == (".",):
+                skip(member, "no file name (a './' or '.' entry); nothing to extract")
+                continue
             if member.is_dir():
                 continue
             target = dest_dir.joinpath(*relative.parts).resolve()
@@ -91,10 +111,18 @@ def safe_extract_zip(
             plan.append((member, target))
         if len({target for _, target in plan}) < len(plan):
             raise UnsafeArchiveError(f"{name}: two members have the same name; refusing the archive")
+        folders = {parent for _, target in plan for parent in target.parents}
+        kept = []
+        for member, target in plan:
+            if target in folders:
+                skip(member, "a file whose name other members use as a folder; the folder's members are kept")
+            else:
+                kept.append((member, target))
+        plan = kept
         total = 0
         for member, target in plan:
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(member) as source, open(target, "xb") as sink:
                     while chunk := source.read(1 << 20):
                         total += len(chunk)
@@ -107,6 +135,11 @@ def safe_extract_zip(
             except (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error, EOFError) as error:
                 # Encrypted members, unsupported compression, CRC errors: unreadable, not unsafe, same outcome.
                 raise UnsafeArchiveError(f"{name}: cannot extract {member.filename!r}: {error}") from error
+            except OSError as error:
+                if error.errno not in _BAD_NAME_ERRNOS:
+                    raise  # e.g. a full disk: not the member's fault, and skipping would lose data silently
+                skip(member, f"its name cannot be a file here ({error.strerror})")
+                continue
             written.append(target)
     return written
 
@@ -151,7 +184,7 @@ def discover(
             source, prefix, depth = pending.pop(0)
             for path, rel in walk_files(source):
                 rel = prefix + rel
-                if not is_zip(path):
+                if path.suffix.lower() != ".zip":  # a broken .zip is refused by name below, not read as DICOM
                     files.append((path, rel))
                     continue
                 if depth >= MAX_NESTING:
@@ -160,11 +193,16 @@ def discover(
                 archives += 1
                 target = temp_root / f"{archives:06d}"
                 try:
-                    safe_extract_zip(path, target, max_bytes=max_bytes, max_members=max_members)
+                    member_skips: list[tuple[str, str]] = []
+                    safe_extract_zip(path, target, max_bytes=max_bytes, max_members=max_members,
+                                     skipped=member_skips)
                 except UnsafeArchiveError as error:
                     shutil.rmtree(target, ignore_errors=True)
                     _record(skipped, rel, "unsafe_archive", str(error))
                     continue
+                for member_name, reason in member_skips:  # already logged by safe_extract_zip
+                    if skipped is not None:
+                        skipped.append((f"{rel}!{member_name}", "bad_archive_member", reason))
                 if target.is_dir():
                     pending.append((target, rel + "!", depth + 1))
         yield files

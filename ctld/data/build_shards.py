@@ -14,10 +14,10 @@ result equals an uninterrupted build. Each shard is written under a temporary na
 only when more than `shards.max_skipped_fraction` of the series are skipped.
 
 Privacy: samples are keyed by salted HMAC-SHA256 hashes; the salt comes from `shards.salt`, else `$CTLD_SALT`,
-else a random salt kept in `<out>/.salt` (mode 0600) so reruns hash identically. The salt is never written to
-shards or the manifest. Log lines about skipped series name the hashed series id and the file path relative to
-its source folder (needed to fix the input; folder names chosen by the user may still appear in logs, never in
-shards or the manifest).
+else a random salt kept per user in `$CTLD_SALT_FILE` or `~/.config/ctld/salt` (mode 0600) so reruns hash
+identically. The salt is never written to shards, the manifest or anywhere in the shard folder. Log lines about
+skipped series name the hashed series id and the file path relative to its source folder (needed to fix the
+input; folder names chosen by the user may still appear in logs, never in shards or the manifest).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctld.config import Config, ConfigError, build_config, load_config, parse_overrides
+from ctld.config import REDACTED, Config, ConfigError, build_config, load_config, parse_overrides
 from ctld.data import dicom
 from ctld.data.archive import discover
 from ctld.data.nifti import is_cache_volume, is_nifti, read_cached_volume, read_nifti, volume_ids
@@ -79,20 +79,66 @@ class ShardPlan:
     jobs: list[Job] = field(default_factory=list)
 
 
+def default_salt_file() -> Path:
+    """$CTLD_SALT_FILE, else ${XDG_CONFIG_HOME:-~/.config}/ctld/salt: per user, outside any shard folder."""
+    if os.environ.get("CTLD_SALT_FILE"):
+        return Path(os.environ["CTLD_SALT_FILE"]).expanduser()
+    config_home = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(config_home) / "ctld" / "salt"
+
+
+def _read_salt(path: Path) -> str:
+    salt = path.read_text().strip()
+    if not salt:
+        raise SystemExit(f"ctld-shards: salt file {path} is empty; delete it (a new random salt is made) or fill it")
+    return salt
+
+
+def _write_salt_file(path: Path, salt: str) -> bool:
+    """Create `path` (mode 0600) holding `salt`, never replacing one; False if it already exists."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(salt + "\n")
+    try:
+        os.link(tmp, path)  # atomic and exclusive: two builds starting together end with one salt
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
 def resolve_salt(cfg_salt: str, out_dir: Path) -> str:
-    """shards.salt, else $CTLD_SALT, else a random salt kept in <out>/.salt (created with mode 0600)."""
+    """shards.salt, else $CTLD_SALT, else a random salt kept per user in `default_salt_file()` (mode 0600), so
+    reruns hash identically and nothing secret sits in the shard folder users copy. A `<out>/.salt` of an older
+    build is still used (its shards keep their hashes) and moved to the per-user file when that is free."""
+    if cfg_salt == REDACTED:
+        raise SystemExit(f"ctld-shards: shards.salt is {REDACTED!r}, the placeholder ctld writes instead of the salt; "
+                         "set the real salt (shards.salt or $CTLD_SALT) or leave it empty")
     if cfg_salt:
         return cfg_salt
     if os.environ.get("CTLD_SALT"):
         return os.environ["CTLD_SALT"]
-    path = out_dir / ".salt"
-    if path.is_file():
-        return path.read_text().strip()
-    salt = secrets.token_hex(32)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as f:
-        f.write(salt + "\n")
-    return salt
+    path = default_salt_file()
+    legacy = out_dir / ".salt"
+    try:
+        if legacy.is_file():
+            salt = _read_salt(legacy)
+            if _write_salt_file(path, salt) or _read_salt(path) == salt:
+                legacy.unlink()
+                logger.warning("moved the salt of %s out of the shard folder to %s (keep it private)", out_dir, path)
+            else:
+                logger.warning("%s holds a salt that differs from %s; it is used, but move it out of the shard folder "
+                               "(e.g. to a file named by $CTLD_SALT_FILE) before sharing the folder", legacy, path)
+            return salt
+        if not path.is_file():
+            _write_salt_file(path, secrets.token_hex(32))
+        return _read_salt(path)
+    except OSError as error:
+        raise SystemExit(f"ctld-shards: cannot read or create the salt file {path} ({error}); set shards.salt, "
+                         "$CTLD_SALT or $CTLD_SALT_FILE") from error
 
 
 def split_of(case_id: str, val_fraction: float, test_fraction: float) -> str:
@@ -698,10 +744,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ctld-shards {args.command}: error: {error}", file=sys.stderr)
             return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # Bad arguments end in one line on stderr and exit code 2, never a traceback.
     try:
         cfg = load_config(args.config, extra) if args.config else build_config(parse_overrides(extra))
     except ConfigError as error:
-        parser.error(str(error))
+        print(f"ctld-shards build: error: {error}", file=sys.stderr)
+        return 2
+    missing = [source for source in args.sources if not Path(source).exists()]
+    if missing:
+        print(f"ctld-shards build: error: input {', '.join(missing)} does not exist; pass DICOM folders, ZIP files, "
+              "NIfTI or cache files", file=sys.stderr)
+        return 2
     return build(args.sources, cfg, Path(args.out or cfg.shards.out_dir), overwrite=args.overwrite)
 
 

@@ -135,6 +135,18 @@ def _float_or(value, default: float | None) -> float | None:
     return number if np.isfinite(number) else default
 
 
+def _rescale(value, default: float, keyword: str, rel_path: str) -> float:
+    """RescaleSlope/Intercept: absent or empty = `default`; present but not a finite number (or a zero slope) =
+    the HU cannot be known, so the file is skipped rather than read with a made-up scale."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else "" if value is None else str(value)
+    if not text.strip(" \x00"):
+        return default
+    number = _float_or(value, None)
+    if number is None or (keyword == "RescaleSlope" and number == 0):
+        raise SeriesSkipped("bad_rescale", f"{rel_path}: {keyword} {text.strip()!r} is not a usable number")
+    return number
+
+
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     return "" if value is None else str(value).strip()
@@ -307,10 +319,12 @@ def scan_file(path: str | os.PathLike, rel_path: str) -> list[SliceHeader]:
             thickness = _float_or(header.get("SliceThickness"), None)
             slope, intercept = None, None
             frame_index = None if number_of_frames == 1 else frame
+        if spacing is not None and min(spacing) <= 0:
+            spacing = None  # unusable: the series is skipped as missing_geometry
         if slope is None:
-            slope = _float_or(header.get("RescaleSlope"), 1.0)
+            slope = _rescale(header.get("RescaleSlope"), 1.0, "RescaleSlope", rel_path)
         if intercept is None:
-            intercept = _float_or(header.get("RescaleIntercept"), 0.0)
+            intercept = _rescale(header.get("RescaleIntercept"), 0.0, "RescaleIntercept", rel_path)
         if series_uid:
             series_key = f"uid:{series_uid}"
         else:
@@ -419,7 +433,9 @@ def plan_series(slices: list[SliceHeader], salt: str, policy: Policy = Policy())
     missing = [h.rel_path for h in slices if h.position is None or h.orientation is None or h.pixel_spacing is None]
     if missing:
         raise SeriesSkipped(
-            "missing_geometry", f"{len(missing)} slice(s) lack ImagePositionPatient/Orientation/PixelSpacing"
+            "missing_geometry",
+            f"{len(missing)} slice(s) lack a usable ImagePositionPatient/Orientation/PixelSpacing (absent, not "
+            "finite, or a spacing <= 0)",
         )
     # A localizer or a reformat filed under the same series: keep the clear majority of one grid, if any.
     repairs = []
@@ -601,7 +617,7 @@ def read_slice_hu(header: SliceHeader) -> np.ndarray:
 def load_series(plan: SeriesPlan) -> Volume:
     """Decode a planned series into a Volume (HU int16, (D, H, W)). Raises SeriesSkipped."""
     rows, columns = plan.slices[0].rows, plan.slices[0].columns
-    hu = np.empty((len(plan.slices), rows, columns), dtype=np.int16)
+    hu: np.ndarray | None = None  # allocated once a plane matches the header: Rows/Columns may be absurd
     cache: dict[str, np.ndarray] = {}  # multi-frame files decode once
     for k, header in enumerate(plan.slices):
         if header.frame is not None:
@@ -615,6 +631,13 @@ def load_series(plan: SeriesPlan) -> Volume:
             plane = read_slice_hu(header)
         if plane.shape != (rows, columns):
             raise SeriesSkipped("mixed_image_size", f"{header.rel_path}: pixels {plane.shape}, header {rows}x{columns}")
+        if hu is None:
+            try:
+                hu = np.empty((len(plan.slices), rows, columns), dtype=np.int16)
+            except MemoryError as error:
+                raise SeriesSkipped(
+                    "too_large", f"{len(plan.slices)} x {rows} x {columns} int16 voxels do not fit in memory"
+                ) from error
         hu[k] = plane
         for duplicate in plan.duplicates[k]:
             if not np.array_equal(read_slice_hu(duplicate), plane):

@@ -115,13 +115,17 @@ def read_nifti(path: str | os.PathLike, salt: str = "", *, rel_path: str | None 
     )
 
 
-def write_nifti(volume: Volume, path: str | os.PathLike) -> Path:
-    """Write a Volume as NIfTI-1 (int16, RAS+ affine, `.nii` or `.nii.gz`), atomically."""
+def write_nifti(volume: Volume, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a Volume as NIfTI-1 (int16, RAS+ affine, `.nii` or `.nii.gz`), atomically (temp file + rename).
+    An existing file is refused (FileExistsError), as DICOM output refuses a non-empty folder, unless
+    `overwrite`."""
     import nibabel as nib
 
     path = Path(path)
     if not is_nifti(path):
         raise ValueError(f"{path}: NIfTI output must end in .nii or .nii.gz")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"NIfTI output {path} already exists; pass a new path (it is not replaced)")
     affine = np.eye(4)
     affine[:3, :4] = RAS_TO_LPS @ volume.affine_lps()[:3, :4]
     data = np.transpose(np.asarray(volume.hu, dtype=np.int16), (2, 1, 0))  # (D, H, W) -> (x, y, z)
@@ -133,7 +137,17 @@ def write_nifti(volume: Volume, path: str | os.PathLike) -> Path:
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
     tmp = path.with_name(path.name + ".tmp" + suffix)
     nib.save(image, str(tmp))
-    os.replace(tmp, path)
+    if overwrite:
+        os.replace(tmp, path)
+    else:
+        try:  # a file that appeared since the check above is not replaced either
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(f"NIfTI output {path} already exists; pass a new path (it is not replaced)") from None
+        except OSError:  # a file system without hard links (some network mounts): rename after the check above
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 

@@ -29,9 +29,17 @@ def model_to_hu(x: ArrayLike, hu_min: float, hu_max: float) -> ArrayLike:
 
 
 def hu_to_int16(hu: ArrayLike) -> np.ndarray:
-    """Round float HU to int16 for writing back (DICOM/NIfTI), saturating instead of wrapping."""
+    """Round float HU to int16 for writing back (DICOM/NIfTI), saturating instead of wrapping. NaN/Inf raise
+    ValueError: a cast would write them as arbitrary HU into a series a reader trusts."""
     if isinstance(hu, torch.Tensor):
         hu = hu.detach().cpu().double().numpy()
+    hu = np.asarray(hu)
+    bad = hu.size - int(np.count_nonzero(np.isfinite(hu)))
+    if bad:
+        raise ValueError(
+            f"{bad} of {hu.size} voxels are not finite (NaN/Inf), so nothing was written: the model diverged or "
+            "the export is broken; check the export (its training log for non-finite losses) or use another one"
+        )
     return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
 
 

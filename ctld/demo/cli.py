@@ -121,9 +121,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         if cfg.shards.test_fraction <= 0:
             cfg = load_config(args.config, ["--shards.test_fraction=0.2", *overrides])
     config_path = out / "demo_config.yaml"
-    save_config(cfg, config_path)
+    save_config(cfg, config_path, redact=False)  # the input of the stages below: keeps shards.salt
     stages = Stages(out)
-    sections = config_to_dict(cfg)
+    sections = config_to_dict(cfg, redact=False)  # fingerprints change with the salt
     shards_dir = out / "shards"
     held: dict = {}
 

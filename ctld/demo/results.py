@@ -42,7 +42,7 @@ def held_out_from_shards(shards_dir: Path, out: Path) -> dict:
     )
     held = out / "heldout"
     held.mkdir(parents=True, exist_ok=True)
-    write_nifti(thick, held / "thick.nii.gz")
+    write_nifti(thick, held / "thick.nii.gz", overwrite=True)  # rewritten on every rerun
     factor, offset = sample["factor"], sample["offset"]
     target = thin_hu[offset : offset + thick_hu.shape[0] * factor]
     np.save(held / "thin_target.npy", target)

@@ -22,7 +22,7 @@ PYTHON_CHECK := import sys; need = tuple(map(int, "$(PYTHON_MIN)".split("."))); 
 	sys.exit(0 if sys.version_info >= need else "ctld needs Python $(PYTHON_MIN) or newer; $(PYTHON) is " \
 	+ sys.version.split()[0] + ": run make with PYTHON=python$(PYTHON_MIN) (or newer)")
 
-.PHONY: test lint venv clean demo check-python
+.PHONY: test test-slow lint venv clean demo check-python
 
 venv: $(STAMP)
 
@@ -37,8 +37,12 @@ $(STAMP): setup.py constraints.txt | check-python
 lint: $(STAMP)
 	$(BIN)/ruff check ctld tests benchmarks
 
+# One multi-process launch of each kind runs here; their other variants are marked `slow` (CI runs them after).
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 # The whole chain on a 2-core CPU in ~11 minutes after set-up: phantom DICOM studies -> shards -> VAE ->
 # diffusion (2-process DDP) -> ctld-infer -> ctld-eval, into demo_out/ (reruns reuse finished stages).

@@ -151,8 +151,9 @@ def _check_finished_run(run_dir: Path, stage: str, steps: int) -> None:
         assert torch.isfinite(tensor).all(), f"exported VAE tensor {name} is not finite"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["vae", "diffusion"])
+# `make test` keeps one launch of each kind (DDP diffusion, DeepSpeed ZeRO-3 with accumulation, SIGTERM, resume);
+# the other variants are `slow` and run in CI after it (`make test-slow`).
+@pytest.mark.parametrize("stage", [pytest.param("vae", marks=pytest.mark.slow), "diffusion"])
 def test_ddp_two_processes(stage, tmp_path, shards_dir_overrides, request):
     """2-process DDP over gloo, data from --data.shards_dir; also reads the TensorBoard scalars and image panels
     back."""
@@ -204,7 +205,6 @@ def test_deepspeed_zero2_two_processes(stage, tmp_path, data_overrides, request)
     assert (list_checkpoints(run_dir)[-1][1] / "pytorch_model").is_dir()
 
 
-@pytest.mark.slow
 def test_deepspeed_zero3_bf16_diffusion_with_gradient_accumulation(tmp_path, data_overrides, vae_export):
     """The GPU recipe on CPU: ZeRO-3 partitions the U-Net and DeepSpeed bf16 casts it (inputs are cast to match);
     the frozen VAE stays outside DeepSpeed (in bf16), the fp32 EMA gathers the partitions, validation swaps EMA
@@ -265,7 +265,6 @@ def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path, data_overrides, 
     assert a.step == b.step == 6 and a.value == pytest.approx(b.value, abs=1e-6)
 
 
-@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path, data_overrides):
     """SIGTERM to ONE of two DDP ranks: both stop at the same step, save a complete checkpoint together and exit
     143 ("preempted"); launch/multinode.sh, what every PyTorchJob pod runs, exits 143 too (torchrun alone exits 1),

@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # log and DeepSpeed's CPU comm op is rebuilt (~90 s) every time the other one ran.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-# Builds without shards.salt keep a random salt per user (ctld.data.build_shards.default_salt_file); tests keep
+# Builds without shards.salt keep a random salt per user (ctld.data.salt.default_salt_file); tests keep
 # theirs in a folder of their own, never in the real ~/.config/ctld.
 os.environ["CTLD_SALT_FILE"] = str(Path(tempfile.mkdtemp(prefix="ctld-test-salt-")) / "salt")
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "ct"

@@ -12,8 +12,9 @@ import pydicom
 import pytest
 import torch
 
-from ctld.data import archive, dicom
-from ctld.data.dicom import Policy, SeriesSkipped, plan_series, read_dicom_series, read_slice_hu, scan_file
+from ctld.data import archive, dicom, dicom_pixels
+from ctld.data.dicom import Policy, SeriesSkipped, plan_series, read_dicom_series, scan_file
+from ctld.data.dicom_pixels import read_slice_hu
 from ctld.data.dicom_write import write_dicom_series
 from ctld.data.nifti import read_cached_volume, read_nifti, write_nifti
 from ctld.data.pairing import Geometry, align
@@ -335,8 +336,8 @@ def test_every_real_file_reads_or_is_skipped_with_a_reason(shared_ct):
                 decoded += 1
                 if header.pixel_offset >= 0:  # the direct-read fast path must equal pydicom's decode
                     fast_path_files += 1
-                    pixels = dicom.decode_pixels(header.path, header.transfer_syntax)
-                    np.testing.assert_array_equal(hu, dicom._to_hu(pixels, header.slope, header.intercept, rel))
+                    pixels = dicom_pixels.decode_pixels(header.path, header.transfer_syntax)
+                    np.testing.assert_array_equal(hu, dicom_pixels._to_hu(pixels, header.slope, header.intercept, rel))
         except SeriesSkipped as error:
             assert error.reason in specific, (rel, error)
             reasons[rel] = error.reason

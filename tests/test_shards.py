@@ -19,6 +19,7 @@ from conftest import FACTOR, SHARDS_SALT, THICK_OFFSET, THIN_DEPTH
 
 from ctld.data import build_shards
 from ctld.data.dicom import anon_id
+from ctld.data.salt import resolve_salt
 from ctld.data.transforms import simulate_thick
 
 
@@ -93,14 +94,14 @@ def test_random_salt_file_is_private_reused_and_outside_the_shard_folder(tmp_pat
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     out = tmp_path / "s"
     out.mkdir()
-    salt = build_shards.resolve_salt("", out)
+    salt = resolve_salt("", out)
     salt_file = tmp_path / "config" / "ctld" / "salt"
     assert salt_file.stat().st_mode & 0o777 == 0o600 and salt_file.read_text().strip() == salt
     assert list(out.iterdir()) == []
-    assert build_shards.resolve_salt("", out) == salt and len(salt) == 64
-    assert build_shards.resolve_salt("", tmp_path / "other") == salt  # every build of this user hashes alike
+    assert resolve_salt("", out) == salt and len(salt) == 64
+    assert resolve_salt("", tmp_path / "other") == salt  # every build of this user hashes alike
     monkeypatch.setenv("CTLD_SALT_FILE", str(tmp_path / "elsewhere" / "my.salt"))
-    other = build_shards.resolve_salt("", out)
+    other = resolve_salt("", out)
     assert other != salt and (tmp_path / "elsewhere" / "my.salt").read_text().strip() == other
 
 
@@ -110,14 +111,14 @@ def test_legacy_salt_in_the_shard_folder_is_used_and_moved_out(tmp_path, monkeyp
     out = tmp_path / "s"
     out.mkdir()
     (out / ".salt").write_text("legacy-salt-1234\n")
-    assert build_shards.resolve_salt("", out) == "legacy-salt-1234"  # reruns hash as before
+    assert resolve_salt("", out) == "legacy-salt-1234"  # reruns hash as before
     assert not (out / ".salt").exists() and (tmp_path / "user" / "salt").read_text().strip() == "legacy-salt-1234"
     assert "moved" in caplog.text and str(tmp_path / "user" / "salt") in caplog.text
     # A second legacy folder with another salt keeps its own (and is told to move it out).
     other = tmp_path / "t"
     other.mkdir()
     (other / ".salt").write_text("second-salt\n")
-    assert build_shards.resolve_salt("", other) == "second-salt" and (other / ".salt").exists()
+    assert resolve_salt("", other) == "second-salt" and (other / ".salt").exists()
     assert "differs" in caplog.text
 
 

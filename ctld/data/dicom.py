@@ -6,19 +6,19 @@
 The shard builder uses the steps one by one, so it can scan headers in parallel and plan thick/thin pairs
 before decoding any pixels:
 
-    scan_file(path, rel_path) -> list[SliceHeader]     one per frame (enhanced multi-frame CT: one per frame)
+    scan_file(path, rel_path) -> list[SliceHeader]     one per frame (enhanced multi-frame CT)  (dicom_scan)
     group_series(headers)     -> {series_key: [SliceHeader]}
     plan_series(slices, salt, policy) -> SeriesPlan    sorted, validated (or SeriesSkipped with a reason)
-    load_series(plan)         -> Volume                decode + HU
+    load_series(plan)         -> Volume                decode + HU                               (dicom_pixels)
 
-Facts about real CT files this module relies on (tests/test_dicom.py checks each on public files): slices are
+This module groups, validates and plans; `scan_file`, `load_series` and `SeriesSkipped` are importable from here
+too. Facts about real CT files it relies on (tests/test_dicom.py checks each on public files): slices are
 ordered by ImagePositionPatient projected on the normal of ImageOrientationPatient, never by InstanceNumber; the
 slice spacing comes from those positions, never from SliceThickness or SpacingBetweenSlices (with gantry tilt the
-tag holds the table increment); HU = stored * RescaleSlope + RescaleIntercept; SeriesInstanceUID may be empty, so
-grouping falls back to a key of study, frame of reference, orientation, pixel spacing, size and series number.
+tag holds the table increment).
 
 Identifiers (patient id, UIDs) live only in memory in `SliceHeader` and are turned into salted hashes
-(`anon_id`) before anything leaves this module in a `Volume`.
+(`anon_id`) in `SeriesPlan` before anything leaves these modules in a `Volume`.
 """
 
 from __future__ import annotations
@@ -26,29 +26,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
-from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement
-from pydicom.encaps import generate_frames
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels.utils import get_j2k_parameters
-from pydicom.uid import JPEG2000TransferSyntaxes
 
-from ctld.data.volume import Volume
+from ctld.data.dicom_pixels import load_series
+from ctld.data.dicom_scan import SeriesSkipped, SliceHeader, scan_file
 
 logger = logging.getLogger(__name__)
-
-# Transfer syntaxes no installed pixel-data plugin decodes: retired JPEG spectral selection / progressive.
-UNSUPPORTED_SYNTAXES = {
-    "1.2.840.10008.1.2.4.53": "JPEG Spectral Selection, Non-Hierarchical (retired)",
-    "1.2.840.10008.1.2.4.55": "JPEG Full Progression, Non-Hierarchical (retired)",
-}
-CT_STORAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 
 # Validation reasons, with the config key that sets the policy for the repairable ones.
 REASON_POLICY = {
@@ -57,15 +44,6 @@ REASON_POLICY = {
     "nonuniform_spacing": "on_nonuniform_spacing",
     "gantry_tilt": "on_gantry_tilt",
 }
-
-
-class SeriesSkipped(Exception):
-    """A file or series that cannot become a Volume; `reason` is a short stable name, `detail` says why."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -87,277 +65,6 @@ def anon_id(value: str, salt: str, kind: str, length: int = 16) -> str:
     """Salted HMAC-SHA256 of an identifier, hex; `kind` keeps e.g. a patient and a series with equal ids apart."""
     digest = hmac.new(salt.encode(), f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
     return digest[:length]
-
-
-@dataclass
-class SliceHeader:
-    """One image plane (a file, or one frame of an enhanced multi-frame file). Holds raw identifiers in memory
-    only; never log or write its fields other than `rel_path`, `frame` and geometry."""
-
-    path: str
-    rel_path: str
-    frame: int | None  # None: single-frame file; else frame index in an enhanced multi-frame file
-    series_key: str
-    patient_key: str
-    study_key: str
-    frame_of_reference: str
-    modality: str
-    sop_class: str
-    transfer_syntax: str
-    rows: int
-    columns: int
-    position: tuple[float, float, float] | None
-    orientation: tuple[float, ...] | None  # 6 direction cosines
-    pixel_spacing: tuple[float, float] | None  # (row spacing dy, column spacing dx)
-    slice_thickness: float | None
-    slope: float
-    intercept: float
-    pixel_offset: int = -1  # >= 0: uncompressed 16-bit pixels start here (read without pydicom)
-    pixel_dtype: str = "<i2"
-    meta: dict = field(default_factory=dict)
-
-
-def _floats(value, count: int) -> tuple[float, ...] | None:
-    try:
-        numbers = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    if len(numbers) != count or not all(np.isfinite(numbers)):
-        return None
-    return numbers
-
-
-def _float_or(value, default: float | None) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return default
-    return number if np.isfinite(number) else default
-
-
-def _rescale(value, default: float, keyword: str, rel_path: str) -> float:
-    """RescaleSlope/Intercept: absent or empty = `default`; present but not a finite number (or a zero slope) =
-    the HU cannot be known, so the file is skipped rather than read with a made-up scale."""
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else "" if value is None else str(value)
-    if not text.strip(" \x00"):
-        return default
-    number = _float_or(value, None)
-    if number is None or (keyword == "RescaleSlope" and number == 0):
-        raise SeriesSkipped("bad_rescale", f"{rel_path}: {keyword} {text.strip()!r} is not a usable number")
-    return number
-
-
-def _text(ds: pydicom.Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value).strip()
-
-
-def _first_item(ds: pydicom.Dataset, keyword: str) -> pydicom.Dataset | None:
-    seq = ds.get(keyword)
-    return seq[0] if seq else None
-
-
-def _functional(frame_groups: pydicom.Dataset | None, shared: pydicom.Dataset | None, seq: str, keyword: str):
-    """Value of `keyword` from the per-frame functional group `seq`, else the shared one (PS3.3 C.7.6.16)."""
-    for groups in (frame_groups, shared):
-        if groups is None:
-            continue
-        item = _first_item(groups, seq)
-        if item is not None and keyword in item:
-            return item[keyword].value
-    return None
-
-
-def read_header(path: str | os.PathLike) -> tuple[pydicom.Dataset, int]:
-    """Header of one DICOM file (pixels not read) and the file offset where reading stopped (the Pixel Data
-    element, if any); raises SeriesSkipped("not_dicom") for anything else."""
-    try:
-        with open(path, "rb") as fp:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True)
-            return ds, fp.tell()
-    except InvalidDicomError:
-        pass
-    except Exception as error:  # pydicom raises many types on damaged files
-        raise SeriesSkipped("unreadable_header", f"{type(error).__name__}: {error}") from error
-    # Files without the 128-byte preamble exist in the wild; accept them only if they look like images.
-    try:
-        with open(path, "rb") as fp:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-            offset = fp.tell()
-    except Exception as error:
-        raise SeriesSkipped("not_dicom", f"not a DICOM file ({type(error).__name__})") from error
-    if "Rows" not in ds or "SOPClassUID" not in ds:
-        raise SeriesSkipped("not_dicom", "no DICOM preamble and no image attributes")
-    return ds, offset
-
-
-NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # syntax -> explicit VR
-
-
-def _native_pixel_offset(path, ds, transfer_syntax: str, offset: int) -> int:
-    """Byte offset of the pixel values when they can be read straight from the file (uncompressed little
-    endian, one 16-bit frame, no unused high bits to sign-extend), else -1 (decode with pydicom)."""
-    explicit = NATIVE_LITTLE_ENDIAN.get(transfer_syntax)
-    if explicit is None or int(_float_or(ds.get("NumberOfFrames", 1), 1) or 1) != 1 or ds.get("BitsAllocated") != 16:
-        return -1
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or (ds.get("PixelRepresentation") == 1 and ds.get("BitsStored") != 16):
-        return -1
-    with open(path, "rb") as fp:
-        fp.seek(offset)
-        element = fp.read(12)
-    if len(element) < 12 or element[:4] != b"\xe0\x7f\x10\x00":
-        return -1
-    if explicit:
-        if element[4:6] not in (b"OW", b"OB"):
-            return -1
-        length, start = int.from_bytes(element[8:12], "little"), offset + 12
-    else:
-        length, start = int.from_bytes(element[4:8], "little"), offset + 8
-    return start if length == int(ds.get("Rows")) * int(ds.get("Columns")) * 2 else -1
-
-
-_US_KEYWORDS = {"Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel"}
-
-
-class _RawHeader:
-    """Read-only access to the few values `scan_file` needs, straight from pydicom's raw (unconverted) elements.
-    Converting values through `Dataset.__getattr__` costs more than reading the header itself; this keeps the
-    header scan close to a bare `dcmread`. Converted elements and big endian files go through pydicom."""
-
-    def __init__(self, ds: pydicom.Dataset, little_endian: bool):
-        self.ds = ds
-        self.little_endian = little_endian
-
-    def get(self, keyword: str, default=None):
-        tag = tag_for_keyword(keyword)
-        if tag is None or tag not in self.ds:
-            return default
-        element = self.ds.get_item(tag)
-        if element is None:
-            return default
-        if not isinstance(element, RawDataElement) or not self.little_endian or keyword.endswith("Sequence"):
-            value = self.ds[tag].value
-            return default if value is None else value
-        value = element.value
-        if value is None:
-            return default
-        if keyword in _US_KEYWORDS:
-            return int.from_bytes(value[:2], "little") if len(value) >= 2 else default
-        text = value.decode("latin-1").strip(" \x00")
-        return text.split("\\") if "\\" in text else text
-
-    def text(self, keyword: str) -> str:
-        value = self.get(keyword, "")
-        if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-            value = "\\".join(str(v) for v in value)
-        return str(value).strip()
-
-
-def scan_file(path: str | os.PathLike, rel_path: str) -> list[SliceHeader]:
-    """Image planes of one file. Raises SeriesSkipped for files that hold no usable CT image."""
-    ds, stop_offset = read_header(path)
-    transfer_syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
-    header = _RawHeader(ds, transfer_syntax != "1.2.840.10008.1.2.2")
-    if "Rows" not in ds or "Columns" not in ds:
-        raise SeriesSkipped("no_pixel_data", f"SOP class {header.text('SOPClassUID') or '?'} holds no image")
-    if transfer_syntax in UNSUPPORTED_SYNTAXES:
-        raise SeriesSkipped(
-            "unsupported_transfer_syntax",
-            f"no installed decoder for {transfer_syntax} ({UNSUPPORTED_SYNTAXES[transfer_syntax]}); convert the "
-            "file first, e.g. `gdcmconv --raw` or `dcmdjpeg`",
-        )
-    modality = header.text("Modality").upper()
-    series_uid = header.text("SeriesInstanceUID")
-    study_uid = header.text("StudyInstanceUID")
-    frame_of_reference = header.text("FrameOfReferenceUID")
-    patient_key = header.text("PatientID") or "|".join(
-        (header.text("PatientName"), header.text("PatientBirthDate"))
-    ).strip("|")
-    study_key = study_uid or "|".join((patient_key, header.text("StudyDate"), header.text("StudyTime")))
-    patient_key = patient_key or f"study:{study_key}"
-    meta = {
-        "manufacturer": header.text("Manufacturer"),
-        "model": header.text("ManufacturerModelName"),
-        "kernel": header.text("ConvolutionKernel"),
-        "transfer_syntax": transfer_syntax,
-    }
-    common = dict(
-        path=str(path),
-        rel_path=rel_path,
-        patient_key=patient_key,
-        study_key=study_key,
-        frame_of_reference=frame_of_reference,
-        modality=modality,
-        sop_class=header.text("SOPClassUID"),
-        transfer_syntax=transfer_syntax,
-        rows=int(header.get("Rows")),
-        columns=int(header.get("Columns")),
-        pixel_offset=_native_pixel_offset(path, header, transfer_syntax, stop_offset),
-        pixel_dtype="<i2" if header.get("PixelRepresentation") == 1 else "<u2",
-    )
-
-    number_of_frames = int(_float_or(header.get("NumberOfFrames", 1), 1) or 1)
-    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
-    per_frame = header.get("PerFrameFunctionalGroupsSequence")
-    headers = []
-    for frame in range(number_of_frames):
-        if per_frame is not None or shared is not None:  # enhanced multi-frame
-            groups = per_frame[frame] if per_frame is not None and frame < len(per_frame) else None
-            position = _floats(_functional(groups, shared, "PlanePositionSequence", "ImagePositionPatient"), 3)
-            orientation = _floats(_functional(groups, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-            spacing = _floats(_functional(groups, shared, "PixelMeasuresSequence", "PixelSpacing"), 2)
-            thickness = _float_or(_functional(groups, shared, "PixelMeasuresSequence", "SliceThickness"), None)
-            slope = _float_or(_functional(groups, shared, "PixelValueTransformationSequence", "RescaleSlope"), None)
-            intercept = _float_or(
-                _functional(groups, shared, "PixelValueTransformationSequence", "RescaleIntercept"), None
-            )
-            frame_index: int | None = frame
-        else:
-            position = _floats(header.get("ImagePositionPatient"), 3)
-            orientation = _floats(header.get("ImageOrientationPatient"), 6)
-            spacing = _floats(header.get("PixelSpacing"), 2)
-            thickness = _float_or(header.get("SliceThickness"), None)
-            slope, intercept = None, None
-            frame_index = None if number_of_frames == 1 else frame
-        if spacing is not None and min(spacing) <= 0:
-            spacing = None  # unusable: the series is skipped as missing_geometry
-        if slope is None:
-            slope = _rescale(header.get("RescaleSlope"), 1.0, "RescaleSlope", rel_path)
-        if intercept is None:
-            intercept = _rescale(header.get("RescaleIntercept"), 0.0, "RescaleIntercept", rel_path)
-        if series_uid:
-            series_key = f"uid:{series_uid}"
-        else:
-            # Real files with empty UIDs exist (e.g. anonymised PET/CT exports): group by what a series shares.
-            rounded_orientation = tuple(round(v, 3) for v in orientation) if orientation else None
-            rounded_spacing = tuple(round(v, 4) for v in spacing) if spacing else None
-            series_key = "fallback:" + repr(
-                (
-                    study_key,
-                    frame_of_reference,
-                    rounded_orientation,
-                    rounded_spacing,
-                    common["rows"],
-                    common["columns"],
-                    header.text("SeriesNumber"),
-                    modality,
-                )
-            )
-        headers.append(
-            SliceHeader(
-                frame=frame_index,
-                series_key=series_key,
-                position=position,
-                orientation=orientation,
-                pixel_spacing=spacing,
-                slice_thickness=thickness,
-                slope=float(slope),
-                intercept=float(intercept),
-                meta=meta,
-                **common,
-            )
-        )
-    return headers
 
 
 def group_series(headers: list[SliceHeader]) -> dict[str, list[SliceHeader]]:
@@ -548,133 +255,6 @@ def plan_series(slices: list[SliceHeader], salt: str, policy: Policy = Policy())
         repairs=repairs,
         meta=meta,
     )
-
-
-def _to_hu(stored: np.ndarray, slope: float, intercept: float, where: str) -> np.ndarray:
-    """HU = stored * slope + intercept, as int16; refuses values that do not fit rather than wrapping."""
-    if slope == 1.0 and float(intercept).is_integer():
-        hu = stored.astype(np.int32) + int(intercept)
-    else:
-        hu = np.rint(stored.astype(np.float64) * slope + intercept)
-    low, high = hu.min(initial=0), hu.max(initial=0)
-    if low < -32768 or high > 32767:
-        raise SeriesSkipped("hu_out_of_range", f"{where}: HU {low}..{high} do not fit int16")
-    return hu.astype(np.int16)
-
-
-def decode_pixels(path: str, transfer_syntax: str = "") -> np.ndarray:
-    """Stored pixel values of a file, (frames, rows, columns) or (rows, columns); SeriesSkipped on failure."""
-    if transfer_syntax in UNSUPPORTED_SYNTAXES:
-        raise SeriesSkipped(
-            "unsupported_transfer_syntax", f"no installed decoder for {UNSUPPORTED_SYNTAXES[transfer_syntax]}"
-        )
-    try:
-        ds = pydicom.dcmread(path)
-        array = ds.pixel_array
-    except NotImplementedError as error:
-        raise SeriesSkipped("unsupported_transfer_syntax", str(error).splitlines()[0][:300]) from error
-    except Exception as error:
-        raise SeriesSkipped("decode_error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}") from error
-    if array.ndim not in (2, 3) or int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise SeriesSkipped("not_grayscale", f"pixel array of shape {array.shape}; CT must be one sample per pixel")
-    if array.dtype.kind == "u" and ds.file_meta.TransferSyntaxUID in JPEG2000TransferSyntaxes:
-        array = _j2k_signedness(ds, array)
-    return array
-
-
-def _j2k_signedness(ds: pydicom.Dataset, array: np.ndarray) -> np.ndarray:
-    """Trust a signed JPEG 2000 codestream over PixelRepresentation 0: some scanners write signed HU-like
-    values with the wrong tag, and reading them unsigned turns -1 into 65535 (pylibjpeg-data
-    TOSHIBA_J2K_SIZ1_PixRep0)."""
-    try:
-        first_frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
-        params = get_j2k_parameters(first_frame)
-    except Exception:  # an unparsable SIZ marker: keep what the decoder returned
-        return array
-    precision = int(params.get("precision") or ds.BitsStored)
-    if not params.get("is_signed") or precision > 16:
-        return array
-    values = array.astype(np.int32) & ((1 << precision) - 1)
-    return np.where(values >= 1 << (precision - 1), values - (1 << precision), values)
-
-
-def read_slice_hu(header: SliceHeader) -> np.ndarray:
-    """HU (rows, columns) int16 of one image plane."""
-    if header.pixel_offset >= 0 and header.frame is None:
-        # Same values pydicom's native decoder returns (tests compare them), without parsing the header again.
-        count = header.rows * header.columns
-        array = np.fromfile(header.path, dtype=header.pixel_dtype, count=count, offset=header.pixel_offset)
-        if array.size == count:
-            return _to_hu(array.reshape(header.rows, header.columns), header.slope, header.intercept, header.rel_path)
-    array = decode_pixels(header.path, header.transfer_syntax)
-    if header.frame is not None and array.ndim == 3:
-        array = array[header.frame]
-    elif array.ndim == 3:
-        raise SeriesSkipped("decode_error", f"{header.rel_path}: unexpected multi-frame array {array.shape}")
-    return _to_hu(array, header.slope, header.intercept, header.rel_path)
-
-
-def load_series(plan: SeriesPlan) -> Volume:
-    """Decode a planned series into a Volume (HU int16, (D, H, W)). Raises SeriesSkipped."""
-    rows, columns = plan.slices[0].rows, plan.slices[0].columns
-    hu: np.ndarray | None = None  # allocated once a plane matches the header: Rows/Columns may be absurd
-    cache: dict[str, np.ndarray] = {}  # multi-frame files decode once
-    for k, header in enumerate(plan.slices):
-        if header.frame is not None:
-            if header.path not in cache:
-                cache[header.path] = decode_pixels(header.path, header.transfer_syntax)
-            frames = cache[header.path]
-            plane = _to_hu(
-                frames[header.frame] if frames.ndim == 3 else frames, header.slope, header.intercept, header.rel_path
-            )
-        else:
-            plane = read_slice_hu(header)
-        if plane.shape != (rows, columns):
-            raise SeriesSkipped("mixed_image_size", f"{header.rel_path}: pixels {plane.shape}, header {rows}x{columns}")
-        if hu is None:
-            try:
-                hu = np.empty((len(plan.slices), rows, columns), dtype=np.int16)
-            except MemoryError as error:
-                raise SeriesSkipped(
-                    "too_large", f"{len(plan.slices)} x {rows} x {columns} int16 voxels do not fit in memory"
-                ) from error
-        hu[k] = plane
-        for duplicate in plan.duplicates[k]:
-            if not np.array_equal(read_slice_hu(duplicate), plane):
-                raise SeriesSkipped(
-                    "duplicate_positions", f"{duplicate.rel_path} and {header.rel_path} share a position but differ"
-                )
-    if plan.tilt_shift_mm is not None:
-        hu = _undo_tilt(hu, plan.tilt_shift_mm, plan.spacing_mm)
-    return Volume(
-        hu=hu,
-        spacing_mm=plan.spacing_mm,
-        origin_mm=plan.origin_mm,
-        direction=plan.direction,
-        case_id=plan.case_id,
-        series_id=plan.series_id,
-        study_id=plan.study_id,
-        frame_of_reference_id=plan.frame_of_reference_id,
-        modality="CT",
-        meta=dict(plan.meta),
-    )
-
-
-def _undo_tilt(hu: np.ndarray, shift_mm: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
-    """Shift slice k in-plane by -shift_mm[k] (linear interpolation) so the volume is no longer sheared; its
-    geometry becomes origin + direction @ (i dx, j dy, k dz) with the normal as the third axis."""
-    from scipy.ndimage import shift as ndi_shift
-
-    _, dy, dx = spacing_mm
-    out = np.empty_like(hu)
-    for k in range(hu.shape[0]):
-        # Slice k's voxel (j, i) sits at in-plane offset shift_mm[k] from the unsheared grid: sample there.
-        # ndimage.shift: out[j] = in[j - shift], and voxel j of slice k lies at unsheared row j + offset.
-        offset = (shift_mm[k, 1] / dy, shift_mm[k, 0] / dx)
-        out[k] = np.rint(ndi_shift(hu[k].astype(np.float32), offset, order=1, mode="constant", cval=-1024.0)).astype(
-            np.int16
-        )
-    return out
 
 
 def read_dicom_series(

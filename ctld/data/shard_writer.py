@@ -1,0 +1,193 @@
+"""Writing planned shards (worker processes): decode each job into a sample, write the shard under a temporary
+name, record it in `<out>/.done/<shard>.json`, then rename it; a shard counts as done only when both exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from ctld.data import dicom
+from ctld.data.nifti import read_cached_volume, read_nifti
+from ctld.data.pairing import make_sample, spacing_class
+from ctld.data.shard_plan import DONE_DIR, TMP_PREFIX, Job, ShardPlan
+
+logger = logging.getLogger(__name__)
+
+
+def _build_job(args: tuple[Job, int, str, float, float, float, str]) -> dict:
+    """Worker: decode one job into an encoded sample, or a skip record."""
+    job, factor, salt, thin_max_mm, thick_min_mm, inplane_spacing_mm, thick_profile = args
+    try:
+        if job.kind == "dicom":
+            thin = dicom.load_series(job.thin_plan)
+            thick = None
+            if job.thick_plan is not None:
+                try:
+                    thick = dicom.load_series(job.thick_plan)
+                except dicom.SeriesSkipped as error:
+                    # The thin series is still good: fall back to a simulated thick input.
+                    logger.warning(
+                        "thick partner %s of %s unusable (%s); simulating thick instead",
+                        job.thick_plan.series_id,
+                        job.series_id,
+                        error,
+                    )
+            alignment = job.alignment if thick is not None else None
+        else:
+            reader = read_nifti if job.kind == "nifti" else read_cached_volume
+            thin = reader(job.path, salt, rel_path=job.rel_path)
+            thick = alignment = None
+            kind = spacing_class(thin.spacing_mm[0], thin_max_mm, thick_min_mm)
+            if kind != "thin":
+                raise dicom.SeriesSkipped(
+                    f"{kind}_volume",
+                    f"slice spacing {thin.spacing_mm[0]:.3f} mm is not thin "
+                    f"(<= {thin_max_mm} mm); a lone volume needs a thin series",
+                )
+            if thin.hu.shape[0] < factor:
+                raise dicom.SeriesSkipped("too_few_slices", f"{thin.hu.shape[0]} slices < factor {factor}")
+        sample = make_sample(
+            thin, thick, alignment, factor=factor, split=job.split, inplane_spacing_mm=inplane_spacing_mm,
+            thick_profile=thick_profile,
+        )
+    except dicom.SeriesSkipped as error:
+        files = len(job.thin_plan.slices) if job.thin_plan is not None else 1
+        return {"ok": False, "series_id": job.series_id, "reason": error.reason, "detail": error.detail, "files": files}
+    return {"ok": True, "sample": sample}
+
+
+def build_shard(task: tuple[Path, ShardPlan, tuple]) -> dict:
+    """Worker: build every sample of one planned shard and write it (temp name, then rename); returns its record."""
+    out_dir, shard, settings = task
+    sink = _ShardSink(out_dir, shard)
+    for job in shard.jobs:
+        result = _build_job((job, *settings))
+        if not result["ok"]:
+            logger.warning(
+                "skipped series %s (%s): %s [first file: %s]",
+                result["series_id"], result["reason"], result["detail"], job.rel_path,
+            )  # fmt: skip
+        sink.add(result)
+    return sink.close()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_json(path: Path, doc) -> None:
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through it and buffers large writes (tarfile's stream mode
+    writes 10 KiB blocks; one syscall each is slow on busy disks), so the shard is never read back to hash it."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "wb", buffering=8 << 20)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+
+class _ShardSink:
+    """Writes one planned shard with `webdataset.ShardWriter` under a temporary name; `close` renames it."""
+
+    def __init__(self, out_dir: Path, shard: ShardPlan):
+        import webdataset as wds
+
+        self.out_dir, self.shard = out_dir, shard
+        self.tmp = out_dir / f"{TMP_PREFIX}{shard.name}"
+        self.samples: list[dict] = []
+        self.skipped: list[dict] = []
+        # One ShardWriter per planned shard (maxcount above the plan) so shard boundaries come from the plan,
+        # not from write timing; mtime=0 makes the tar bytes depend on the samples only.
+        split, index = shard.name.removesuffix(".tar").rsplit("-", 1)
+        pattern = str(out_dir).replace("%", "%%") + f"/{TMP_PREFIX}{split}-%06d.tar"
+        self.file: _HashingFile | None = None
+
+        def opener(path: str) -> _HashingFile:
+            self.file = _HashingFile(path)
+            return self.file
+
+        self.writer = wds.ShardWriter(
+            pattern,
+            maxcount=len(shard.jobs) + 1,
+            maxsize=float("inf"),
+            start_shard=int(index),
+            verbose=0,
+            opener=opener,
+            mtime=0.0,
+        )
+
+    def add(self, result: dict) -> None:
+        if not result["ok"]:
+            self.skipped.append({k: result[k] for k in ("series_id", "reason", "files")})
+            return
+        sample = result["sample"]
+        self.writer.write(sample)
+        info = json.loads(sample["json"])
+        self.samples.append(
+            {
+                "key": sample["__key__"],
+                "thick_source": info["thick_source"],
+                "shape_thin": info["shape_thin"],
+                "shape_thick": info["shape_thick"],
+                "thin_spacing_mm": info["thin_spacing_mm"],
+            }
+        )
+
+    def close(self) -> dict:
+        self.writer.close()  # TarWriter leaves a caller-opened stream open
+        self.file.close()
+        assert self.file.size == self.tmp.stat().st_size
+        record = {
+            "name": self.shard.name,
+            "split": self.shard.split,
+            "samples": len(self.samples),
+            "bytes": self.file.size,
+            "sha256": self.file.sha256.hexdigest(),
+            "sample_info": self.samples,
+            "skipped": self.skipped,
+        }
+        # Record first, then rename: a shard counts as done only when both exist.
+        atomic_json(self.out_dir / DONE_DIR / f"{self.shard.name}.json", record)
+        os.replace(self.tmp, self.out_dir / self.shard.name)
+        return record
+
+
+def load_done(out_dir: Path, name: str) -> dict | None:
+    record_path = out_dir / DONE_DIR / f"{name}.json"
+    if not (out_dir / name).is_file() or not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except ValueError:
+        return None
+    return record if record.get("bytes") == (out_dir / name).stat().st_size else None

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from emit import emit_json  # benchmarks/emit.py (this script's folder is on sys.path)
 
 from ctld.config import load_config
 from ctld.data import build_shards
@@ -188,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         },
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit_json(report, args.out)
     return 0
 
 

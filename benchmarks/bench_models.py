@@ -28,7 +28,6 @@ growth; peak_total_mib is the whole process RSS / all CUDA tensors).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -47,6 +46,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # benchmarks/emit.py, also when imported by path
+from emit import emit_json  # noqa: E402  (benchmarks/emit.py)
 
 from ctld.config import load_config  # noqa: E402
 from ctld.diffusion import (  # noqa: E402
@@ -326,14 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
             if "seconds" in seed.get(name, {}) and args.ddim_steps == 20
         }
         result["seed_reference_cpu_s"] = SEED_REFERENCE_CPU_S
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+    emit_json(result, args.out)
     return result
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # benchmarks/emit.py, also when imported by path
+from emit import emit_json  # noqa: E402  (benchmarks/emit.py)
 
 from ctld import evaluate  # noqa: E402
 from ctld.demo import cli as demo  # noqa: E402
@@ -98,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["real_chest_ct"] = {"skipped": f"{real} not found (a clone without ../shared)"}
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit_json(result, args.json, indent=1)
     return 0
 
 

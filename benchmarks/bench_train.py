@@ -21,7 +21,6 @@ Goal (issue 6) on one H100: diffusion stage >= 10 samples/s at 8 -> 40 x 192x192
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -39,8 +38,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-
 from bench_loader import build_shard_set  # noqa: E402
+from emit import emit_json  # noqa: E402  (benchmarks/emit.py)
 
 from ctld.config import Config, load_config  # noqa: E402
 from ctld.models.unet import UNet3D  # noqa: E402
@@ -213,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit_json(report, args.out)
     return 0
 
 

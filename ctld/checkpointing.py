@@ -28,6 +28,8 @@ from accelerate.logging import get_logger
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
+from ctld import faults
+
 logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -95,19 +97,27 @@ def save_checkpoint(
     root = checkpoints_dir(run_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a save that was killed
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
+    error = None
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a save that was killed
+                shutil.rmtree(tmp)
+    except Exception as exn:  # noqa: BLE001 - reported to every rank below
+        error = exn
+    _all_ranks_ok(accelerator, error, f"preparing {tmp}", run_dir)
 
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        if ema is not None:
-            _save_ema(ema, tmp)
-        # Written last: its presence marks the folder as complete (list_checkpoints checks it).
-        _write_json(tmp / TRAINER_STATE, trainer_state)
-    accelerator.wait_for_everyone()  # every rank's shards are on disk
+    try:
+        accelerator.save_state(str(tmp))
+        faults.kill_if_planted("checkpoint", step, accelerator.process_index)
+        if accelerator.is_main_process:
+            if ema is not None:
+                _save_ema(ema, tmp)
+            # Written last: its presence marks the folder as complete (list_checkpoints checks it).
+            _write_json(tmp / TRAINER_STATE, trainer_state)
+    except Exception as exn:  # noqa: BLE001 - e.g. a full disk on one rank: every rank must learn it
+        error = exn
+    _all_ranks_ok(accelerator, error, f"writing {tmp}", run_dir)  # every rank's files are on disk
 
     if accelerator.is_main_process:
         if final.exists():  # e.g. a SIGTERM save at the step of a periodic one
@@ -121,6 +131,25 @@ def save_checkpoint(
         logger.info(f"saved checkpoint {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written on some rank; every rank raises it, none waits at a barrier."""
+
+
+def _all_ranks_ok(accelerator: Accelerator, error: Exception | None, what: str, run_dir) -> None:
+    """A collective in place of a bare barrier: every rank learns whether any rank failed, so a full disk on one
+    rank stops all of them now instead of leaving the others blocked until the collective timeout."""
+    failed = accelerator.reduce(torch.tensor([0.0 if error is None else 1.0], device=accelerator.device), "sum")
+    if float(failed.item()) == 0:
+        return
+    found = list_checkpoints(run_dir)
+    last = f"{found[-1][1].name} is the last complete one" if found else "there is no complete checkpoint yet"
+    cause = f"{type(error).__name__}: {error}" if error is not None else "see the log of the rank that failed"
+    raise CheckpointError(
+        f"{what} failed on {int(failed.item())} rank(s) ({cause}); {last}. Free disk space or fix the storage, "
+        "then rerun with --train.resume=latest"
+    ) from error
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | Path, *, ema: EMAModel | None = None) -> dict:

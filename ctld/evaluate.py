@@ -40,7 +40,7 @@ from ctld.data.shards import MANIFEST, iter_samples, manifest_shards
 from ctld.data.transforms import HU_WINDOWS, simulate_thick
 from ctld.data.volume import Volume
 from ctld.inference import add_infer_flags, infer_config_from, pick_device
-from ctld.inferer import fit_depth_windows, interpolate_volume
+from ctld.inferer import fit_depth_windows, interpolate_at_spacing, interpolate_volume
 from ctld.metrics import PROTOCOL, all_metrics
 from ctld.panels import save_panels
 from ctld.predictors import CtldPredictor, baseline_predictor, prior_predictor, vae_predictor
@@ -184,9 +184,10 @@ def _table(rows: dict[str, dict[str, float]], keys=METRIC_KEYS) -> list[str]:
 
 def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, depth_thick: int, patch_size: int,
                            cfg, device, out: Path, progress: bool, panel_window: str,
-                           slab_filter: SlabFilter | None = None) -> dict:
+                           slab_filter: SlabFilter | None = None, model_pixel_spacing_mm: float | None = None) -> dict:
     """Score the baselines (nearest, linear, cubic and, when given, the slab filter fitted on the training split)
-    and every model of `models` ({name: (predict_fn, hu_range)}, run through the windowed engine) on every case;
+    and every model of `models` ({name: (predict_fn, hu_range)}, run through the windowed engine at the export's
+    in-plane pixel spacing `model_pixel_spacing_mm` when it was trained resampled) on every case;
     returns the metrics document (also written). `models` may hold the target itself as {"target": None}."""
     context, overlap = fit_depth_windows(depth_thick, cfg.depth_context, cfg.depth_overlap)
     per_case = []
@@ -201,10 +202,12 @@ def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, dept
                 predictions[name] = case.target_hu.astype(np.float32)
                 continue
             predict, hu_range = model
-            predictions[name] = interpolate_volume(
-                case.thick_hu, predict, factor=factor, depth_thick=depth_thick, patch_size=patch_size,
-                hu_range=hu_range, depth_context=context, depth_overlap=overlap,
-                inplane_overlap=cfg.inplane_overlap, batch_size=cfg.batch_size, device=device, progress=progress,
+            predictions[name] = interpolate_at_spacing(
+                case.thick_hu, predict, pixel_spacing_mm=case.thin_spacing_mm[1:],
+                model_pixel_spacing_mm=model_pixel_spacing_mm if hu_range is not None else None, factor=factor,
+                depth_thick=depth_thick, patch_size=patch_size, hu_range=hu_range, depth_context=context,
+                depth_overlap=overlap, inplane_overlap=cfg.inplane_overlap, batch_size=cfg.batch_size, device=device,
+                progress=progress,
             )
         metrics = {method: all_metrics(pred[lo:hi], target, rplhr=True) for method, pred in predictions.items()}
         per_case.append(metrics)
@@ -360,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                 models = {"target": None}
             else:  # a baseline through the windowed engine, in HU, to check the stitching end to end
                 models = {f"windowed_{args.method}": (baseline_predictor(factor, args.method), None)}
-            result = evaluate_interpolation(cases, models, slab_filter=slab_filter, **common)
+            result = evaluate_interpolation(cases, models, slab_filter=slab_filter,
+                                            model_pixel_spacing_mm=meta.get("inplane_spacing_mm"), **common)
             mode = "interpolation"
             settings["method"] = args.method
     except (ValueError, FileNotFoundError, SeriesSkipped) as error:

@@ -19,7 +19,7 @@ import torch
 
 from ctld.config import ConfigError, InferConfig, load_config
 from ctld.data.geometry import check_thick_input
-from ctld.inferer import fit_depth_windows, interpolate_volume
+from ctld.inferer import fit_depth_windows, interpolate_at_spacing
 from ctld.predictors import CtldPredictor
 from ctld.series_io import read_input, thin_volume_like, write_output
 
@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                                   seed=cfg.seed, device=device)
         depth_thick = int(meta["depth_thick"])
         context, overlap = fit_depth_windows(depth_thick, cfg.depth_context, cfg.depth_overlap)
-        thin_hu = interpolate_volume(
-            volume.hu, predictor, factor=factor, depth_thick=depth_thick,
+        thin_hu = interpolate_at_spacing(
+            volume.hu, predictor, pixel_spacing_mm=volume.spacing_mm[1:],
+            model_pixel_spacing_mm=meta.get("inplane_spacing_mm"), factor=factor, depth_thick=depth_thick,
             patch_size=int(meta["patch_size"]), hu_range=(float(meta["hu_min"]), float(meta["hu_max"])),
             depth_context=context, depth_overlap=overlap, inplane_overlap=cfg.inplane_overlap,
             batch_size=cfg.batch_size, device=device, progress=not args.no_progress,

@@ -310,3 +310,21 @@ def fit_depth_windows(depth_thick: int, depth_context: int, depth_overlap: int) 
             depth_thick, depth_context, depth_overlap, context, overlap,
         )
     return context, overlap
+
+
+def interpolate_at_spacing(thick_hu: np.ndarray, predict_fn: PredictFn, *, pixel_spacing_mm: tuple[float, float],
+                           model_pixel_spacing_mm: float | None, **kwargs) -> np.ndarray:
+    """`interpolate_volume` at the in-plane pixel spacing the model was trained at (shards built with
+    `shards.inplane_spacing_mm`): the input is resampled to it and the thin output resampled back onto the
+    input's own in-plane grid. Without a trained spacing (or when the input already has it) it is
+    `interpolate_volume` itself."""
+    from ctld.data.geometry import resample_inplane, resize_inplane
+
+    if not model_pixel_spacing_mm or np.allclose(pixel_spacing_mm, model_pixel_spacing_mm, rtol=0.01):
+        return interpolate_volume(thick_hu, predict_fn, **kwargs)
+    resampled, _ = resample_inplane(np.asarray(thick_hu), (1.0, *pixel_spacing_mm), model_pixel_spacing_mm)
+    logger.info("in-plane %s mm pixels resampled to the model's %.3g mm (%s -> %s), and back after the model",
+                [round(v, 3) for v in pixel_spacing_mm], model_pixel_spacing_mm, tuple(thick_hu.shape[1:]),
+                tuple(resampled.shape[1:]))
+    thin = interpolate_volume(resampled, predict_fn, **kwargs)
+    return resize_inplane(thin, tuple(thick_hu.shape[1:]))

@@ -32,6 +32,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,12 +41,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ctld import faults
 from ctld.calibration import estimate_residual_scale, estimate_scaling_factor, fit_slab_filter_on_shards
 from ctld.checkpointing import (
     StopRequest,
@@ -54,9 +57,9 @@ from ctld.checkpointing import (
     resolve_resume,
     save_checkpoint,
 )
-from ctld.config import Config, check, flatten_config, load_config, save_config
+from ctld.config import Config, ConfigError, check, flatten_config, load_config, save_config
 from ctld.data.loader import TrainStream
-from ctld.data.shards import manifest_thin_spacing_mm, shard_urls
+from ctld.data.shards import manifest_training_grid, shard_urls
 from ctld.diffusion import ResidualSpec, build_sampler, build_train_scheduler, encode_latents, residual_loss
 from ctld.distributed import (
     configure_deepspeed,
@@ -76,8 +79,14 @@ logger = get_logger(__name__)
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    check(cfg)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check(cfg)
+    except (ConfigError, ValueError) as error:
+        # One line from the first rank, not a traceback from every rank; exit 2 on all of them.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ctld train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     train(cfg)
 
 
@@ -160,6 +169,8 @@ def train(cfg: Config) -> None:
     progress = tqdm(total=last_step, initial=step, desc=f"{stage} steps", disable=not accelerator.is_local_main_process)
     model.train()
     accumulation_bad = False  # a non-finite loss in this accumulation window: drop the whole optimizer step
+    deepspeed_accumulates = accelerator.distributed_type == DistributedType.DEEPSPEED and (
+        accelerator.gradient_accumulation_steps > 1)
     micro_step = step * accelerator.gradient_accumulation_steps
     stopped_by = ""
     while step < last_step:
@@ -172,6 +183,9 @@ def train(cfg: Config) -> None:
                 loss = _vae_loss(model, batch, cfg, micro_step, accelerator.process_index, model_dtype, device)
             else:
                 loss = _unet_loss(model, frozen_vae, noise_scheduler, spec, batch, cfg, device)
+            if faults.nonfinite_planted(micro_step, accelerator.process_index):
+                loss = loss * float("nan")
+            faults.kill_if_planted("step", step + 1, accelerator.process_index)
             # One collective per micro-step: [any rank non-finite, any rank asked to stop], so all ranks agree.
             flags = accelerator.reduce(
                 torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, 1.0 if stop.requested else 0.0],
@@ -182,6 +196,16 @@ def train(cfg: Config) -> None:
             if finite:
                 accelerator.backward(loss)
                 meter.add_loss(loss.detach())
+            elif deepspeed_accumulates:
+                # DeepSpeed steps inside `backward` at the window's last micro-batch: skipping one backward either
+                # still updates the weights or leaves this window's gradients for the next, so stop instead.
+                raise RuntimeError(
+                    f"non-finite loss (NaN/Inf) at step {step}, micro-batch {micro_step}, under DeepSpeed with "
+                    f"train.gradient_accumulation_steps={cfg.train.gradient_accumulation_steps}: DeepSpeed cannot skip "
+                    f"an accumulation window exactly, so training stops here. Resume from the last checkpoint in "
+                    f"{run_dir / 'checkpoints'} (--train.resume=latest) with a lower train.lr, or use DDP or "
+                    f"gradient_accumulation_steps=1, where non-finite steps are skipped"
+                )
             else:
                 accumulation_bad = True
             grad_norm = None
@@ -340,9 +364,9 @@ def _export(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, froz
         "depth_thick": cfg.data.depth_thick, "patch_size": cfg.data.patch_size,
         "stage": cfg.train.stage, "step": step, "run_name": cfg.train.run_name, "git_commit": git_commit(),
     }
-    thin_spacing_mm = _thin_spacing_mm(cfg)
-    if thin_spacing_mm is not None:  # ctld-infer checks a thick input's spacing against factor x this
-        meta["thin_spacing_mm"] = thin_spacing_mm
+    # ctld-infer checks a thick input's spacing against factor x thin_spacing_mm and resamples it in-plane to
+    # inplane_spacing_mm when the shards were resampled to it.
+    meta.update(_training_grid(cfg))
     if cfg.train.stage == "vae":
         vae = AutoencoderKL3D(**{**asdict(cfg.vae), **({"scaling_factor": scaling_factor} if scaling_factor else {})})
         vae.load_state_dict({k: v.float() for k, v in state_dict.items()})
@@ -394,15 +418,15 @@ def _load_frozen_vae(cfg: Config, device: torch.device, mixed_precision: str) ->
     return vae.to(device=device, dtype=weight_dtype).eval()
 
 
-def _thin_spacing_mm(cfg: Config) -> float | None:
-    """Median thin slice spacing the model was trained on: from the shard manifest, else from the VAE export."""
-    median = None if cfg.data.train_urls else manifest_thin_spacing_mm(cfg.data.shards_dir)
-    if median is not None:
-        return median
+def _training_grid(cfg: Config) -> dict[str, float]:
+    """thin_spacing_mm (median thin slice spacing) and inplane_spacing_mm (when the shards were resampled in-plane)
+    the model was trained on: from the shard manifest, else from the VAE export."""
+    grid = {} if cfg.data.train_urls else manifest_training_grid(cfg.data.shards_dir)
     vae_meta = Path(cfg.train.vae_export) / "ctld.json" if cfg.train.vae_export else None
     if vae_meta is not None and vae_meta.is_file():
-        return json.loads(vae_meta.read_text()).get("thin_spacing_mm")
-    return None
+        known = json.loads(vae_meta.read_text())
+        grid = {key: known[key] for key in ("thin_spacing_mm", "inplane_spacing_mm") if key in known} | grid
+    return grid
 
 
 if __name__ == "__main__":

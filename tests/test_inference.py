@@ -54,7 +54,7 @@ def test_too_little_context_breaks_exactness():
     """The check above can fail: cubic taps reach 2 thick slices, so 1 slice of context is not enough."""
     thick = _thick((16, 20, 20))
     windowed = interpolate_volume(thick, baseline_predictor(5, "cubic"), factor=5, depth_thick=6, patch_size=20,
-                                  hu_range=None, depth_context=1, depth_overlap=0, progress=False)
+                                  hu_range=None, depth_context=2, depth_overlap=0, progress=False)
     assert np.abs(windowed - interpolate_z(thick, 5, "cubic")).max() > 1.0
 
 
@@ -321,3 +321,35 @@ def test_slab_filter_beats_cubic_on_slab_averages():
     from ctld.metrics import psnr
 
     assert psnr(fitted.apply(thick), thin, window) > psnr(interpolate_z(thick, 5, "cubic"), thin, window) + 0.5
+
+
+def test_a_model_trained_on_resampled_pixels_runs_at_that_spacing_and_returns_the_input_grid(caplog):
+    """Shards built with shards.inplane_spacing_mm train a model on that pixel size; inference resamples a series
+    to it and the thin result back onto the series' own grid. A field linear in-plane survives both linear
+    resamplings exactly, so the windowed cubic baseline must equal whole-volume cubic on the input grid."""
+    from ctld.inferer import interpolate_at_spacing
+
+    z = np.random.default_rng(0).normal(0, 100, size=(6, 1, 1))
+    y, x = np.meshgrid(np.arange(40.0), np.arange(40.0), indexing="ij")
+    thick = (z + 3.0 * y - 2.0 * x).astype(np.float32)
+    with caplog.at_level("INFO"):
+        out = interpolate_at_spacing(thick, baseline_predictor(5, "cubic"), pixel_spacing_mm=(0.5, 0.5),
+                                     model_pixel_spacing_mm=1.0, factor=5, depth_thick=5, patch_size=16,
+                                     hu_range=None, depth_context=2, depth_overlap=0, progress=False)
+    assert "(40, 40) -> (20, 20)" in caplog.text  # the model saw 1 mm pixels
+    assert out.shape == (30, 40, 40)
+    # Within 1 HU: resampling stores whole HU (int16), as the shards do.
+    np.testing.assert_allclose(out, interpolate_z(thick, 5, "cubic"), atol=1.0)
+
+
+def test_manifest_training_grid_reports_in_plane_resampling(tmp_path):
+    from ctld.data.shards import manifest_training_grid
+
+    manifest = {"shards": [], "geometry": {"thin_spacing_z_mm": {"median": 1.25}},
+                "settings": {"inplane_spacing_mm": 0.8}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert manifest_training_grid(tmp_path) == {"thin_spacing_mm": 1.25, "inplane_spacing_mm": 0.8}
+    manifest["settings"]["inplane_spacing_mm"] = 0.0  # kept as scanned: nothing to resample at inference
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert manifest_training_grid(tmp_path) == {"thin_spacing_mm": 1.25}
+    assert manifest_training_grid(tmp_path / "missing") == {}

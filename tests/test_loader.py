@@ -366,3 +366,22 @@ def test_rank_without_a_shard_yields_nothing_and_says_so(tmp_path, data_cfg, cap
         loader = make_patch_loader(urls, data_cfg, rank=1, world_size=2, seed=0, resampled=False, num_workers=2)
         assert list(loader) == []
     assert "rank 1 of 2 gets none of the 1 shards" in caplog.text
+
+
+def test_train_seed_reaches_the_trainers_data_stream(built_shards, tiny_cfg):
+    """The trainer's stream (TrainStream) is seeded by train.seed as well as data.seed: the same seeds replay the
+    same batches, another train.seed draws other ones (the rank fields are all TrainStream reads of an Accelerator)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from ctld.data.loader import TrainStream
+
+    def first_batch(train_seed: int) -> torch.Tensor:
+        cfg = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, shards_dir=str(built_shards)),
+                                  train=dataclasses.replace(tiny_cfg.train, seed=train_seed))
+        stream = TrainStream(shard_urls(cfg.data, "train"), cfg, SimpleNamespace(process_index=0, num_processes=1))
+        stream.open(0)
+        return stream.next(0)["thin"]
+
+    assert torch.equal(first_batch(0), first_batch(0))
+    assert not torch.equal(first_batch(0), first_batch(1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -312,6 +313,122 @@ def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path, data_ov
     assert (tmp_path / "run" / "export" / "vae.safetensors").is_file()
 
 
+def _accumulating_vae_run(tmp_path: Path, data_overrides: list[str], name: str) -> list[str]:
+    return [*data_overrides, "--train.stage=vae", "--train.scale_batches=0", "--train.max_steps=3",
+            "--train.gradient_accumulation_steps=2", "--train.checkpoint_every=1", "--train.log_every=1",
+            "--train.val_every=100", "--train.image_every=100", f"--train.output_dir={tmp_path}",
+            f"--train.run_name={name}"]
+
+
+def test_a_nonfinite_micro_batch_skips_its_whole_window_exactly(tmp_path, data_overrides):
+    """2-process DDP with gradient accumulation 2. A NaN planted in the second window, on one rank at its first
+    micro-batch or on every rank at its last, skips that optimizer step on both ranks: the two runs end with
+    bit-identical weights (no gradient of the dropped window leaks into the next, and no partial update
+    happens), one skipped step each, and the learning rate of a clean run (the schedule counts optimizer steps)."""
+    for name, plant in (("middle", "2:1"), ("end", "3"), ("clean", "")):
+        cmd, env = _ddp_command(_accumulating_vae_run(tmp_path, data_overrides, name))
+        env["CTLD_FAULT_NONFINITE"] = plant
+        _run(cmd, env, tmp_path / f"{name}.txt")
+    final = {name: tmp_path / name / "checkpoints" / f"{CHECKPOINT_PREFIX}3" for name in ("middle", "end", "clean")}
+    states = {name: json.loads((path / TRAINER_STATE).read_text()) for name, path in final.items()}
+    assert [states[n]["skipped_steps"] for n in ("middle", "end", "clean")] == [1, 1, 0], states
+    assert "optimizer step skipped (1 in a row)" in (tmp_path / "middle.txt").read_text()
+    weights = {name: load_file(str(path / "model.safetensors")) for name, path in final.items()}
+    for key, value in weights["middle"].items():
+        assert torch.equal(value, weights["end"][key]), f"{key}: the skipped window left a trace"
+    assert any(not torch.equal(v, weights["clean"][k]) for k, v in weights["middle"].items())
+    lrs = {name: [(e.step, e.value) for e in _tensorboard(tmp_path / name).Scalars("lr")] for name in final}
+    assert lrs["middle"] == lrs["end"] == lrs["clean"] and [s for s, _ in lrs["clean"]] == [1, 2, 3]
+
+
+def test_deepspeed_with_accumulation_stops_on_a_nonfinite_loss(tmp_path, data_overrides):
+    """Under DeepSpeed the optimizer steps inside `backward`, so a window with a NaN cannot be skipped exactly:
+    training stops with a one-line reason on every rank, and the last checkpoint stays complete for a resume."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--gradient_accumulation_steps",
+           "2", "--main_process_port", "0", "ctld/train.py", TINY, *_accumulating_vae_run(tmp_path, data_overrides,
+                                                                                         "run")]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(DS_ACCELERATOR="cpu", CTLD_FAULT_NONFINITE="2"),
+                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode != 0
+    assert "DeepSpeed cannot skip an accumulation window exactly" in result.stdout + result.stderr
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [1]
+    assert not (tmp_path / "run" / "export").exists()
+
+
+# ---------------------------------------------------------------------------------------------- fault campaign
+# 2-process DDP runs of the VAE stage, 4 steps with a checkpoint at every step. A fault (a rank SIGKILLed in the
+# middle of a step or of a checkpoint save, a full disk during a save) must end the launch without a hang, leave the
+# last complete checkpoint intact, and `--train.resume=latest` must reach the weights of an uninterrupted run.
+
+
+def _fault_run(tmp_path: Path, data_overrides: list[str], name: str, *extra: str) -> list[str]:
+    return [*data_overrides, "--train.stage=vae", "--train.scale_batches=0", "--train.max_steps=4",
+            "--train.checkpoint_every=1", "--train.val_every=100", "--train.image_every=100",
+            f"--train.output_dir={tmp_path}", f"--train.run_name={name}", *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_overrides) -> dict[str, torch.Tensor]:
+    """The final weights of the fault runs' configuration, trained without a fault."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    cmd, env = _ddp_command(_fault_run(out, data_overrides, "run"))
+    _run(cmd, env, out / "log.txt")
+    return load_file(str(out / "run" / "checkpoints" / f"{CHECKPOINT_PREFIX}4" / "model.safetensors"))
+
+
+def _launch_with_fault(tmp_path: Path, overrides: list[str], log: Path, **fault_env: str) -> int:
+    cmd, env = _ddp_command(overrides)
+    env.update(fault_env, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
+    with open(log, "w") as out:  # a hang fails here (timeout), well before the 30-minute collective timeout
+        return subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=180).returncode
+
+
+def _resume_matches(tmp_path: Path, overrides: list[str], expected: dict[str, torch.Tensor]) -> None:
+    cmd, env = _ddp_command([*overrides, "--train.resume=latest"])
+    _run(cmd, env, tmp_path / "resume.txt")
+    final = load_file(str(_run_dir_of(overrides) / "checkpoints" / f"{CHECKPOINT_PREFIX}4" / "model.safetensors"))
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=f"{key} differs after the fault")
+
+
+def _run_dir_of(overrides: list[str]) -> Path:
+    values = dict(item.split("=", 1) for item in overrides if item.startswith("--train."))
+    return Path(values["--train.output_dir"]) / values["--train.run_name"]
+
+
+@pytest.mark.parametrize("where, complete", [("step:3:1", [1, 2]), ("checkpoint:2:0", [1])],
+                         ids=["mid_step", "mid_checkpoint"])
+def test_a_rank_killed_mid_step_or_mid_checkpoint_loses_nothing(tmp_path, data_overrides, uninterrupted, where,
+                                                                 complete):
+    overrides = _fault_run(tmp_path, data_overrides, "run")
+    returncode = _launch_with_fault(tmp_path, overrides, tmp_path / "fault.txt", CTLD_FAULT_KILL=where)
+    assert returncode != 0, (tmp_path / "fault.txt").read_text()[-3000:]
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == complete
+    _resume_matches(tmp_path, overrides, uninterrupted)
+
+
+def test_a_full_disk_during_a_checkpoint_stops_every_rank_and_loses_nothing(tmp_path, data_overrides, uninterrupted):
+    """The run folder on a 384 KiB tmpfs: checkpoint-1 (about 230 KiB) fits, checkpoint-2 does not. Every rank
+    stops with the reason (no rank waits at a barrier); the copy of the folder on a roomier disk resumes."""
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        overrides = _fault_run(disk, data_overrides, "run")
+        returncode = _launch_with_fault(tmp_path, overrides, tmp_path / "fault.txt")
+        text = (tmp_path / "fault.txt").read_text()
+        assert returncode != 0 and "No space left on device" in text, text[-3000:]
+        assert "failed on 1 rank(s)" in text and "checkpoint-1 is the last complete one" in text
+        assert [step for step, _ in list_checkpoints(disk / "run")] == [1]
+        shutil.copytree(disk / "run", tmp_path / "run")
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    _resume_matches(tmp_path, _fault_run(tmp_path, data_overrides, "run"), uninterrupted)
+
+
 def _training_processes(launcher_pid: int) -> list[psutil.Process]:
     """The `ctld/train.py` worker processes torchrun started under the launcher."""
     found = []
@@ -335,6 +452,21 @@ def test_nonfinite_losses_stop_training_with_a_clear_error(tmp_path, data_overri
     assert result.returncode != 0
     assert "optimizer steps in a row had a non-finite loss" in result.stderr
     assert "optimizer step skipped (1 in a row)" in result.stderr
+
+
+@pytest.mark.parametrize("bad", ["--train.lr=fast", "--train.stage=diffusion", "--data.patch_szie=64"])
+def test_a_config_error_is_one_line_with_exit_code_2(tmp_path, bad):
+    """A wrong type, a missing setting and a misspelt key: one line naming it, exit 2, no traceback; in a
+    2-process launch the line is printed once (by rank 0), not once per rank."""
+    result = subprocess.run([sys.executable, "ctld/train.py", TINY, bad, f"--train.output_dir={tmp_path}"],
+                            cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ctld train: error:") and bad.split("=")[0][2:] in lines[0]
+    if bad == "--train.lr=fast":
+        cmd, env = _ddp_command([bad, f"--train.output_dir={tmp_path}"])
+        result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+        assert result.returncode != 0 and (result.stdout + result.stderr).count("ctld train: error:") == 1
 
 
 def test_list_checkpoints_skips_incomplete_folders(tmp_path):

@@ -150,3 +150,38 @@ def check_thick_input(grid: Grid, *, factor: int, thin_spacing_mm: float, spacin
             "%s: slice thickness %.2f mm differs from the spacing %.2f mm (overlapping or gapped reconstruction); the "
             "model assumes each thick slice averages the %d thin slices it covers", name, thickness, dz, factor
         )
+
+
+def resample_inplane(hu: np.ndarray, spacing_mm, new_spacing_mm: float) -> tuple[np.ndarray, tuple]:
+    """Linear in-plane resampling of (D, H, W) HU to square pixels of `new_spacing_mm`; depth untouched. The
+    grid keeps voxel (0, 0) where it was (the origin does not move)."""
+    from scipy.ndimage import zoom
+
+    dz, dy, dx = spacing_mm
+    height = max(1, round(hu.shape[1] * dy / new_spacing_mm))
+    width = max(1, round(hu.shape[2] * dx / new_spacing_mm))
+    if (height, width) == hu.shape[1:] and np.allclose((dy, dx), new_spacing_mm, rtol=1e-3):
+        return hu, tuple(spacing_mm)
+    # grid_mode=False maps corner voxel centres onto each other, so the new spacing is (n_in - 1) / (n_out - 1).
+    out = zoom(hu.astype(np.float32), (1.0, height / hu.shape[1], width / hu.shape[2]), order=1, mode="nearest",
+               grid_mode=False)  # fmt: skip
+    assert out.shape[1:] == (height, width), out.shape
+    spacing = (
+        dz,
+        dy * (hu.shape[1] - 1) / (height - 1) if height > 1 else new_spacing_mm,
+        dx * (hu.shape[2] - 1) / (width - 1) if width > 1 else new_spacing_mm,
+    )
+    return np.rint(out).astype(np.int16), spacing
+
+
+def resize_inplane(hu: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
+    """Linear in-plane resampling of (D, H, W) onto `shape_hw`, corner voxel centres kept (the inverse of
+    `resample_inplane` onto the original grid); float32, depth untouched."""
+    from scipy.ndimage import zoom
+
+    if tuple(hu.shape[1:]) == tuple(shape_hw):
+        return hu.astype(np.float32, copy=False)
+    factors = (1.0, shape_hw[0] / hu.shape[1], shape_hw[1] / hu.shape[2])
+    out = zoom(hu.astype(np.float32), factors, order=1, mode="nearest", grid_mode=False)
+    assert out.shape[1:] == tuple(shape_hw), out.shape
+    return out

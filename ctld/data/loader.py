@@ -441,7 +441,7 @@ class TrainStream:
             self.cfg.data,
             rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes,
-            seed=self.cfg.data.seed,
+            seed=self.cfg.train.seed,  # combined with data.seed inside the loader
             resampled=True,
             epoch=step,
         )

@@ -114,28 +114,6 @@ def sample_key(volume: Volume) -> str:
     return f"{volume.case_id}_{volume.series_id}"
 
 
-def resample_inplane(hu: np.ndarray, spacing_mm, new_spacing_mm: float) -> tuple[np.ndarray, tuple]:
-    """Linear in-plane resampling of (D, H, W) HU to square pixels of `new_spacing_mm`; depth untouched. The
-    grid keeps voxel (0, 0) where it was (the origin does not move)."""
-    from scipy.ndimage import zoom
-
-    dz, dy, dx = spacing_mm
-    height = max(1, round(hu.shape[1] * dy / new_spacing_mm))
-    width = max(1, round(hu.shape[2] * dx / new_spacing_mm))
-    if (height, width) == hu.shape[1:] and np.allclose((dy, dx), new_spacing_mm, rtol=1e-3):
-        return hu, tuple(spacing_mm)
-    # grid_mode=False maps corner voxel centres onto each other, so the new spacing is (n_in - 1) / (n_out - 1).
-    out = zoom(hu.astype(np.float32), (1.0, height / hu.shape[1], width / hu.shape[2]), order=1, mode="nearest",
-               grid_mode=False)  # fmt: skip
-    assert out.shape[1:] == (height, width), out.shape
-    spacing = (
-        dz,
-        dy * (hu.shape[1] - 1) / (height - 1) if height > 1 else new_spacing_mm,
-        dx * (hu.shape[2] - 1) / (width - 1) if width > 1 else new_spacing_mm,
-    )
-    return np.rint(out).astype(np.int16), spacing
-
-
 def make_sample(
     thin: Volume,
     thick: Volume | None,
@@ -168,8 +146,8 @@ def make_sample(
         offset, source, thick_meta = 0, "simulated", {"profile": thick_profile}
     thin_hu, thin_spacing = thin.hu, thin.spacing_mm
     if inplane_spacing_mm > 0:  # same resampling on both, so thick and thin stay on one in-plane grid
-        thin_hu, thin_spacing = resample_inplane(thin_hu, thin_spacing, inplane_spacing_mm)
-        thick_hu, resampled = resample_inplane(thick_hu, thick_spacing, inplane_spacing_mm)
+        thin_hu, thin_spacing = geometry.resample_inplane(thin_hu, thin_spacing, inplane_spacing_mm)
+        thick_hu, resampled = geometry.resample_inplane(thick_hu, thick_spacing, inplane_spacing_mm)
         thick_spacing = (thick_spacing[0], resampled[1], resampled[2])
     thin_meta = {
         k: v

@@ -152,14 +152,22 @@ def shard_urls(data_cfg: DataConfig, split: str) -> list[str]:
     return urls
 
 
-def manifest_thin_spacing_mm(shards_dir: str | Path) -> float | None:
-    """The median thin slice spacing of a shards folder's samples, or None without a manifest or samples."""
+def manifest_training_grid(shards_dir: str | Path) -> dict[str, float]:
+    """What a model trained on these shards expects of its input: {"thin_spacing_mm": median thin slice spacing,
+    "inplane_spacing_mm": the pixel spacing samples were resampled to (absent when kept as scanned)}; empty
+    without a manifest."""
     try:
         manifest = read_manifest(shards_dir)
     except (FileNotFoundError, ValueError):
-        return None
+        return {}
+    grid = {}
     median = manifest.get("geometry", {}).get("thin_spacing_z_mm", {}).get("median")
-    return float(median) if median is not None else None
+    if median is not None:
+        grid["thin_spacing_mm"] = float(median)
+    inplane = float(manifest.get("settings", {}).get("inplane_spacing_mm", 0.0) or 0.0)
+    if inplane > 0:
+        grid["inplane_spacing_mm"] = inplane
+    return grid
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

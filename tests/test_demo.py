@@ -107,3 +107,18 @@ def test_data_mode_needs_a_test_split(demo_run, tmp_path):
     # Phantom shards hold no test split (the demo holds out a study of its own); --data mode needs one.
     with pytest.raises(ValueError, match="no test split"):
         held_out_from_shards(demo_run / "shards", tmp_path)
+
+
+def test_phantom_demo_uses_the_public_salt_and_writes_no_salt(demo_run):
+    """Phantoms identify no one, so their demo keys samples with a fixed public salt (the same split and numbers on
+    every machine); the salt still never lands in a config written to disk."""
+    import yaml
+
+    from ctld.data.dicom import anon_id
+    from ctld.demo.cli import PHANTOM_SALT
+
+    assert yaml.safe_load((demo_run / "demo_config.yaml").read_text())["shards"]["salt"] == ""
+    keys = [s["key"] for record in (demo_run / "shards" / ".done").glob("*.json")
+            for s in json.loads(record.read_text())["sample_info"]]
+    patients = {anon_id(f"PH{index:06d}", PHANTOM_SALT, "patient") for index in range(1, 40)}  # phantom_study.py
+    assert keys and all(key.split("_")[0] in patients for key in keys)

@@ -25,14 +25,17 @@ that file; OUT/summary.json holds the stage times and the mean metrics.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from ctld.config import Config, ConfigError, config_to_dict, load_config, save_config
+from ctld.data.dicom import anon_id
 from ctld.demo.results import held_out_from_shards, make_coronal, summarize
 from ctld.demo.stages import REPO_ROOT, Stages, fingerprint, train_stage
 
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 PHANTOM_VERSION = 1  # bump when ctld.demo.phantom changes what a seed produces, so reruns regenerate
+PHANTOM_SALT = "ctld-demo-phantoms"  # public: phantoms identify no one
 
 
 def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -120,10 +124,18 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         # Hold out the shards' test split (by patient); phantoms hold out a study of their own instead.
         if cfg.shards.test_fraction <= 0:
             cfg = load_config(args.config, ["--shards.test_fraction=0.2", *overrides])
+    # The salt never goes into demo_config.yaml: the stages get it from $CTLD_SALT. Phantoms are synthetic, so
+    # their demo uses a fixed, public salt: the same patient split and shard order, hence the same numbers, on
+    # every machine. Your data (--data) gets shards.salt, $CTLD_SALT or your per-user salt file.
+    salt = cfg.shards.salt or os.environ.get("CTLD_SALT", "") or ("" if args.data else PHANTOM_SALT)
+    if salt:
+        os.environ["CTLD_SALT"] = salt
+    cfg = dataclasses.replace(cfg, shards=dataclasses.replace(cfg.shards, salt=""))
     config_path = out / "demo_config.yaml"
-    save_config(cfg, config_path, redact=False)  # the input of the stages below: keeps shards.salt
+    save_config(cfg, config_path)  # the input of the stages below
     stages = Stages(out)
-    sections = config_to_dict(cfg, redact=False)  # fingerprints change with the salt
+    # Fingerprints change with the salt (through a hash of it: the salt itself is never written).
+    sections = config_to_dict(cfg) | {"salt": anon_id("demo", salt, "salt-check") if salt else "per-user"}
     shards_dir = out / "shards"
     held: dict = {}
 
@@ -156,7 +168,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         }
 
     # 2. shards
-    shards_fp = fingerprint(upstream, sections["shards"], cfg.data.factor)
+    shards_fp = fingerprint(upstream, sections["shards"], sections["salt"], cfg.data.factor)
 
     def build() -> None:
         from ctld.data import build_shards

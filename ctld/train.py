@@ -208,6 +208,11 @@ def train(cfg: Config) -> None:
                 )
             else:
                 accumulation_bad = True
+                if accelerator.distributed_type != DistributedType.DEEPSPEED:  # (DeepSpeed would step on it)
+                    # A zero-gradient backward in its place keeps DDP's all-reduce schedule the one of a finite
+                    # window (a skipped boundary backward makes DDP reduce the next micro-batch early: the same sum
+                    # in another order). The window's gradients are dropped below.
+                    accelerator.backward(sum(p.sum() for p in model.parameters()) * 0.0)
             grad_norm = None
             if accelerator.sync_gradients and not accumulation_bad:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)

@@ -54,7 +54,7 @@ def test_too_little_context_breaks_exactness():
     """The check above can fail: cubic taps reach 2 thick slices, so 1 slice of context is not enough."""
     thick = _thick((16, 20, 20))
     windowed = interpolate_volume(thick, baseline_predictor(5, "cubic"), factor=5, depth_thick=6, patch_size=20,
-                                  hu_range=None, depth_context=2, depth_overlap=0, progress=False)
+                                  hu_range=None, depth_context=1, depth_overlap=0, progress=False)
     assert np.abs(windowed - interpolate_z(thick, 5, "cubic")).max() > 1.0
 
 
@@ -149,14 +149,14 @@ def test_non_finite_model_output_is_refused_not_written(tmp_path, monkeypatch, i
     with pytest.raises(ValueError, match="not finite"):
         thin_volume_like(Volume(_thick((2, 4, 4)), (5.0, 1.0, 1.0), (0, 0, 0), np.eye(3)),
                          np.full((10, 4, 4), np.nan), 5)
-    real = inference.interpolate_volume
+    real = inference.interpolate_at_spacing
 
     def diverged(*args, **kwargs):
         thin_hu = real(*args, **kwargs)
         thin_hu[3, 2, 1] = np.nan
         return thin_hu
 
-    monkeypatch.setattr(inference, "interpolate_volume", diverged)
+    monkeypatch.setattr(inference, "interpolate_at_spacing", diverged)
     thick = Volume(_thick((4, 16, 16)), (7.5, 1.5, 1.5), (0.0, 0.0, 0.0), np.eye(3))
     write_nifti(thick, tmp_path / "thick.nii.gz")
     code = main([str(tmp_path / "thick.nii.gz"), "--checkpoint", str(infer_tiny_export), "--out",

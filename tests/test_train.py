@@ -420,7 +420,8 @@ def test_a_full_disk_during_a_checkpoint_stops_every_rank_and_loses_nothing(tmp_
         overrides = _fault_run(disk, data_overrides, "run")
         returncode = _launch_with_fault(tmp_path, overrides, tmp_path / "fault.txt")
         text = (tmp_path / "fault.txt").read_text()
-        assert returncode != 0 and "No space left on device" in text, text[-3000:]
+        # torch.save reports a full disk as a failed zip write ("unexpected pos"); the reason reaches every rank.
+        assert returncode != 0 and "CheckpointError: writing" in text, text[-3000:]
         assert "failed on 1 rank(s)" in text and "checkpoint-1 is the last complete one" in text
         assert [step for step, _ in list_checkpoints(disk / "run")] == [1]
         shutil.copytree(disk / "run", tmp_path / "run")

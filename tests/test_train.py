@@ -397,8 +397,8 @@ def _run_dir_of(overrides: list[str]) -> Path:
     return Path(values["--train.output_dir"]) / values["--train.run_name"]
 
 
-@pytest.mark.parametrize("where, complete", [("step:3:1", [1, 2]), ("checkpoint:2:0", [1])],
-                         ids=["mid_step", "mid_checkpoint"])
+@pytest.mark.parametrize("where, complete", [pytest.param("step:3:1", [1, 2], marks=pytest.mark.slow),
+                                             ("checkpoint:2:0", [1])], ids=["mid_step", "mid_checkpoint"])
 def test_a_rank_killed_mid_step_or_mid_checkpoint_loses_nothing(tmp_path, data_overrides, uninterrupted, where,
                                                                  complete):
     overrides = _fault_run(tmp_path, data_overrides, "run")

@@ -76,6 +76,9 @@ class ShardsConfig:
     num_workers: int = 2
     max_skipped_fraction: float = 0.5  # fail the build when more than this fraction of series is skipped
     inplane_spacing_mm: float = 0.0  # resample thin and thick in-plane to this pixel spacing (linear); 0 = keep
+    # through = thin series (with a real or simulated thick partner); inplane = also two in-plane pairs (an in-plane
+    # axis plays the slice axis, ctld/data/inplane.py) from every thick series that has no thin partner
+    pairs: Literal["through", "inplane"] = "through"
 
 
 @dataclass

@@ -56,3 +56,32 @@ def test_resample_axis_keeps_the_ends_and_reports_the_exact_spacing():
     out, spacing = resample_axis(ramp, 1, 0.7, 1.0)  # 7 mm -> 8 samples at 1 mm
     assert out.shape == (2, 8, 3) and spacing == pytest.approx(1.0)
     assert out[0, 0, 0] == 0 and out[0, -1, 0] == pytest.approx(10)
+
+
+def test_shard_builder_turns_a_thick_only_series_into_inplane_pairs(tmp_path):
+    """`ctld-shards build --pairs inplane`: a thick series without a thin partner gives two samples (axes y and x)
+    recorded as in-plane pairs; without the flag it stays unused."""
+    from conftest import synthetic_ct
+
+    from ctld.data import build_shards
+    from ctld.data.dicom_write import write_dicom_series
+    from ctld.data.shards import iter_samples, manifest_shards, read_manifest
+    from ctld.data.volume import Volume
+
+    thick = Volume(synthetic_ct(12, 40, seed=3), (5.0, 0.625, 0.625), (0.0, 0.0, 0.0), np.eye(3))
+    write_dicom_series(thick, tmp_path / "dicom" / "thick", patient={"PatientName": "SYNTH^THICK", "PatientID": "T1"})
+    common = ["build", str(tmp_path / "dicom"), "--shards.salt=s", "--shards.val_fraction=0",
+              "--shards.test_fraction=0", "--shards.num_workers=1", "--log_level=ERROR"]
+    assert build_shards.main([*common, "--out", str(tmp_path / "through")]) in (0, 1)
+    assert read_manifest(tmp_path / "through")["samples"] == 0
+    assert build_shards.main([*common, "--out", str(tmp_path / "inplane"), "--pairs", "inplane"]) == 0
+    manifest = read_manifest(tmp_path / "inplane")
+    assert manifest["thick_source"] == {"inplane": 2} and not manifest["unused"]
+    samples = {s["meta"]["inplane_axis"]: s for s in iter_samples(manifest_shards(tmp_path / "inplane", "train"))}
+    assert set(samples) == {"y", "x"}
+    for sample in samples.values():
+        # 40 px at 0.625 mm = 24.4 mm -> about 1 mm (5 mm / factor 5): 25 samples, 25 kept; rows = the 12 slices.
+        assert sample["thin"].shape == (25, 12, 40) and sample["thick"].shape == (5, 12, 40)
+        assert sample["meta"]["thin_spacing_mm"][1:] == [5.0, 0.625] and sample["offset"] == 0
+        assert np.array_equal(sample["thick"], simulate_thick(sample["thin"], 5, "box"))
+    assert np.array_equal(samples["y"]["thin"][0], thick.hu[:, 0, :])  # the first row of every slice

@@ -266,6 +266,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delete shards of a different earlier build in --out instead of refusing",
     )
+    build_parser.add_argument("--pairs", choices=("through", "inplane"), default=None,
+                              help="inplane: also make in-plane training pairs from thick series without a thin "
+                                   "partner (default: shards.pairs)")
     build_parser.add_argument("--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     for name, text in (("inspect", "print the manifest summary"), ("verify", "re-read and check every shard")):
         sub = commands.add_parser(name, help=text)
@@ -287,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # Bad arguments end in one line on stderr and exit code 2, never a traceback.
+    if args.pairs:
+        extra = [*extra, f"--shards.pairs={args.pairs}"]
     try:
         cfg = load_config(args.config, extra) if args.config else build_config(parse_overrides(extra))
     except ConfigError as error:

@@ -174,3 +174,37 @@ def make_sample(
     if source == "real":
         info["thick_series_id"] = thick.series_id
     return encode_sample(sample_key(thin), thin_hu, thick_hu, info)
+
+
+def make_inplane_sample(thick: Volume, axis: str, *, factor: int, split: str, thick_profile: str = "box") -> dict:
+    """The shard sample of one in-plane pair of a thick-only series (`ctld.data.inplane`): the in-plane `axis`
+    resampled to dz / factor plays the slice axis; recorded as `thick_source: "inplane"` with `inplane_axis`."""
+    from ctld.data.inplane import inplane_pair
+
+    pair = inplane_pair(thick.hu, thick.spacing_mm, axis=axis, factor=factor, profile=thick_profile)
+    direction = np.asarray(thick.direction)
+    # The pair's grid (columns W, H, D as in Volume.direction): depth = the chosen in-plane axis, rows = the
+    # original slice axis, columns = the other in-plane axis.
+    x, y, z = direction[:, 0], direction[:, 1], direction[:, 2]
+    permuted = np.stack([x, z, y] if axis == "y" else [y, z, x], axis=1)
+    info = {
+        "case_id": thick.case_id,
+        "series_id": thick.series_id,
+        "study_id": thick.study_id,
+        "split": split,
+        "factor": int(factor),
+        "offset": 0,
+        "thick_source": "inplane",
+        "inplane_axis": axis,
+        "thin_spacing_mm": [float(v) for v in pair.thin_spacing_mm],
+        "thick_spacing_mm": [float(v) for v in pair.thick_spacing_mm],
+        "thin_origin_mm": [float(v) for v in thick.origin_mm],
+        "thick_origin_mm": [float(v) for v in geometry.thick_origin_mm(thick.origin_mm, pair.thin_spacing_mm[0],
+                                                                        permuted, factor)],
+        "direction": permuted.tolist(),
+        "shape_thin": list(pair.thin_hu.shape),
+        "shape_thick": list(pair.thick_hu.shape),
+        "meta": {k: v for k, v in thick.meta.items() if k in ("source", "manufacturer", "model", "kernel")}
+        | {"thick": {"profile": thick_profile}},
+    }
+    return encode_sample(f"{thick.case_id}_{thick.series_id}-{axis}", pair.thin_hu, pair.thick_hu, info)

@@ -34,7 +34,7 @@ class Job:
 
     key: str
     split: str
-    kind: str  # "dicom" | "nifti" | "cache"
+    kind: str  # "dicom" | "nifti" | "cache" | "inplane" (thick_plan only)
     series_id: str
     est_bytes: int
     rel_path: str  # first file, relative to its source (for log lines only)
@@ -42,6 +42,7 @@ class Job:
     thick_plan: dicom.SeriesPlan | None = None
     alignment: Alignment | None = None
     path: str = ""
+    inplane_axis: str = ""  # kind "inplane": the in-plane axis that plays the slice axis
 
 
 @dataclass
@@ -139,8 +140,12 @@ class Builder:
         partners, unused = find_partners(
             geometries, factor, cfg.shards.thin_max_spacing_mm, cfg.shards.thick_min_spacing_mm
         )
-        self.unused = [{"series_id": sid, "reason": reason} for sid, reason in unused]
         jobs: list[Job] = []
+        if cfg.shards.pairs == "inplane":  # thick-only series become in-plane pairs instead of going unused
+            for sid in [sid for sid, reason in unused if reason == "unpaired_thick"]:
+                jobs.extend(self._inplane_jobs(plans[sid]))
+            unused = [(sid, reason) for sid, reason in unused if reason != "unpaired_thick"]
+        self.unused = [{"series_id": sid, "reason": reason} for sid, reason in unused]
         for series_id, alignment in partners.items():
             thin = plans[series_id]
             d, h, w = thin.shape
@@ -206,6 +211,14 @@ class Builder:
                 size += job.est_bytes
         return shards
 
+    def _inplane_jobs(self, thick: dicom.SeriesPlan) -> list[Job]:
+        """Two samples of one thick series: its y and x axes in turn play the slice axis (same patient split)."""
+        d, h, w = thick.shape
+        split = split_of(thick.case_id, self.cfg.shards.val_fraction, self.cfg.shards.test_fraction)
+        return [Job(key=f"{thick.case_id}_{thick.series_id}-{axis}", split=split, kind="inplane",
+                    series_id=thick.series_id, est_bytes=2 * d * h * w * 4, rel_path=thick.slices[0].rel_path,
+                    thick_plan=thick, inplane_axis=axis) for axis in ("y", "x")]
+
     def plan_fingerprint(self, shards: list[ShardPlan]) -> str:
         """Changes when the inputs, the salt or any setting that changes shard bytes changes."""
         doc = {
@@ -222,6 +235,7 @@ class Builder:
                         j.kind,
                         j.est_bytes,
                         j.alignment and asdict(j.alignment),
+                        j.inplane_axis,
                         [len(p.slices) for p in (j.thin_plan, j.thick_plan) if p],
                     ]
                     for j in s.jobs

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ctld.data import dicom
 from ctld.data.nifti import read_cached_volume, read_nifti
-from ctld.data.pairing import make_sample, spacing_class
+from ctld.data.pairing import make_inplane_sample, make_sample, spacing_class
 from ctld.data.shard_plan import DONE_DIR, TMP_PREFIX, Job, ShardPlan
 
 logger = logging.getLogger(__name__)
@@ -22,6 +22,10 @@ def _build_job(args: tuple[Job, int, str, float, float, float, str]) -> dict:
     """Worker: decode one job into an encoded sample, or a skip record."""
     job, factor, salt, thin_max_mm, thick_min_mm, inplane_spacing_mm, thick_profile = args
     try:
+        if job.kind == "inplane":
+            thick = dicom.load_series(job.thick_plan)
+            return {"ok": True, "sample": make_inplane_sample(thick, job.inplane_axis, factor=factor, split=job.split,
+                                                              thick_profile=thick_profile)}
         if job.kind == "dicom":
             thin = dicom.load_series(job.thin_plan)
             thick = None
@@ -55,7 +59,8 @@ def _build_job(args: tuple[Job, int, str, float, float, float, str]) -> dict:
             thick_profile=thick_profile,
         )
     except dicom.SeriesSkipped as error:
-        files = len(job.thin_plan.slices) if job.thin_plan is not None else 1
+        plan = job.thin_plan or job.thick_plan
+        files = len(plan.slices) if plan is not None else 1
         return {"ok": False, "series_id": job.series_id, "reason": error.reason, "detail": error.detail, "files": files}
     return {"ok": True, "sample": sample}
 
@@ -157,6 +162,7 @@ class _ShardSink:
             {
                 "key": sample["__key__"],
                 "thick_source": info["thick_source"],
+                **({"inplane_axis": info["inplane_axis"]} if "inplane_axis" in info else {}),
                 "shape_thin": info["shape_thin"],
                 "shape_thick": info["shape_thick"],
                 "thin_spacing_mm": info["thin_spacing_mm"],

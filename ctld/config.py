@@ -52,6 +52,11 @@ class DataConfig:
     # Slice sensitivity profile of simulated thick slices (shard builder, ctld-eval): box = the slab mean; gaussian /
     # triangle = FWHM equal to the thick slice thickness, closer to a scanner's reconstructed thick slice.
     thick_profile: Literal["box", "gaussian", "triangle"] = "box"
+    # Relative shares of the pair kinds in the training stream (the manifest's thick_source): a sample is kept with
+    # probability weight / the largest weight, so e.g. weight_inplane 0.25 draws a quarter as many in-plane pairs.
+    weight_real: float = 1.0
+    weight_simulated: float = 1.0
+    weight_inplane: float = 1.0
 
 
 @dataclass
@@ -182,6 +187,10 @@ class InferConfig:
     num_samples: int = 1  # average this many diffusion samples per window
     seed: int = 0
     spacing_tolerance: float = 0.25  # refuse thick spacing off factor x thin spacing by more than this; <0 = never
+    adapt_steps: int = 0  # >0: fine-tune a copy of the U-Net this many steps on the input's in-plane pairs (ctld.adapt)
+    adapt_lr: float = 2e-4  # AdamW learning rate of the adaptation (ctld.adapt.DEFAULT_LR)
+    adapt_seed: int = 0  # seeds the adaptation's patch draws and noise: same seed -> same adapted weights
+    adapt_batch_size: int = 4  # patches per adaptation step
 
 
 @dataclass
@@ -482,6 +491,9 @@ def check_data(data_cfg: DataConfig) -> None:
         raise ValueError(f"data.hu_max ({data_cfg.hu_max}) must be greater than data.hu_min ({data_cfg.hu_min})")
     if data_cfg.small_volume not in ("pad", "skip"):
         raise ValueError(f"data.small_volume must be 'pad' or 'skip', got {data_cfg.small_volume!r}")
+    weights = (data_cfg.weight_real, data_cfg.weight_simulated, data_cfg.weight_inplane)
+    if min(weights) < 0 or max(weights) <= 0:
+        raise ValueError(f"data.weight_real/simulated/inplane must be >= 0 with one > 0, got {weights}")
     for name in ("min_foreground_fraction", "max_skipped_fraction"):
         if not 0.0 <= getattr(data_cfg, name) <= 1.0:
             raise ValueError(f"data.{name} must be within [0, 1], got {getattr(data_cfg, name)}")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -385,3 +386,27 @@ def test_train_seed_reaches_the_trainers_data_stream(built_shards, tiny_cfg):
 
     assert torch.equal(first_batch(0), first_batch(0))
     assert not torch.equal(first_batch(0), first_batch(1))
+
+
+def test_pair_kinds_are_mixed_in_the_configured_shares(tmp_path, data_cfg):
+    """data.weight_*: with in-plane pairs weighted 1/4 of simulated ones, about a quarter as many in-plane patches
+    reach the batches; with equal weights every sample is used (and nothing extra is drawn)."""
+    import dataclasses
+
+    samples = make_samples(8)
+    for sample in samples[:4]:
+        sample["json"] = {**sample["json"], "thick_source": "inplane", "inplane_axis": "y"}
+    urls = write_shards(tmp_path, samples, per_shard=8)
+    inplane_keys = {s["__key__"] for s in samples[:4]}
+
+    def inplane_share(cfg) -> float:
+        loader = make_patch_loader(urls, cfg, rank=0, world_size=1, seed=0, num_workers=0)
+        keys = [key for batch in itertools.islice(loader, 200) for key in batch["key"]]
+        return sum(key in inplane_keys for key in keys) / len(keys)
+
+    cfg = dataclasses.replace(data_cfg, samples_per_epoch=400)
+    assert 0.4 < inplane_share(cfg) < 0.6
+    assert 0.1 < inplane_share(dataclasses.replace(cfg, weight_inplane=0.25)) < 0.3
+    with pytest.raises(ValueError, match="weight"):
+        make_patch_loader(urls, dataclasses.replace(cfg, weight_real=0, weight_simulated=0, weight_inplane=0), rank=0,
+                          world_size=1, seed=0)

@@ -68,7 +68,7 @@ MIN_SAMPLES_BEFORE_FAILING = 20
 _WARN_FIRST = 5
 _WARN_EVERY = 100
 # Seed stage tags: each random stage gets its own generator, so adding draws in one leaves the others alone.
-_STAGE_SHARDS, _STAGE_PATCHES, _STAGE_SHUFFLE = 1, 2, 3
+_STAGE_SHARDS, _STAGE_PATCHES, _STAGE_SHUFFLE, _STAGE_MIX = 1, 2, 3, 4
 
 
 def iter_covered_pairs(urls: list[str], factor: int, max_samples: int = 0):
@@ -206,13 +206,18 @@ class _ReadShards:
 
 
 class _DecodePairs:
-    """Raw samples -> decoded pairs of the configured factor; bad samples and other factors counted, skipped."""
+    """Raw samples -> decoded pairs of the configured factor; bad samples and other factors counted, skipped; pair
+    kinds kept in the configured shares (data.weight_*)."""
 
-    def __init__(self, state: _StreamState, factor: int):
+    def __init__(self, state: _StreamState, factor: int, weights: dict[str, float]):
         self.state, self.factor = state, factor
+        top = max(weights.values())
+        self.keep = {kind: weight / top for kind, weight in weights.items()}
 
     def __call__(self, src):
         state = self.state
+        # Its own generator: with equal weights nothing is drawn and the other stages' streams are unchanged.
+        rng = state.rng(_STAGE_MIX)
         for raw in src:
             state.counts["volumes"] += 1
             where = f"sample {raw.get('__key__')!r} in shard {raw.get('__url__')}"
@@ -228,6 +233,10 @@ class _DecodePairs:
                     f"skipping {where}: factor {sample['factor']} != data.factor {self.factor}",
                 )
                 state.check_skipped()
+                continue
+            keep = self.keep.get(sample["meta"].get("thick_source", "real"), 1.0)
+            if keep < 1.0 and rng.random() >= keep:
+                state.counts[f"share_{sample['meta'].get('thick_source')}_dropped"] += 1
                 continue
             yield sample
 
@@ -333,7 +342,11 @@ class _PatchPipeline(wds.DataPipeline):
             None if resampled else _SplitByRank(rank, world_size),  # node split (resampled: every rank draws)
             None if resampled else wds.split_by_worker,  # worker split (resampled: every worker draws its own)
             _ReadShards(self.state),  # tar -> raw samples; unreadable/truncated shards warned and skipped
-            _DecodePairs(self.state, data_cfg.factor),  # npy/json -> arrays; other factors, bad samples skipped
+            _DecodePairs(self.state, data_cfg.factor, {  # npy/json -> arrays; bad samples skipped; pair-kind shares
+                "real": data_cfg.weight_real,
+                "simulated": data_cfg.weight_simulated,
+                "inplane": data_cfg.weight_inplane,
+            }),
             _SamplePatches(self.state, data_cfg),  # K aligned patch pairs per volume, cropped/padded/augmented
             _ShufflePatches(self.state, data_cfg.shuffle_buffer),  # mix patches of different volumes
             wds.batched(  # batch: stack and map HU -> [-1, 1]

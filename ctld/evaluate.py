@@ -5,6 +5,7 @@
     ctld-eval --vae runs/vae/export thin_ct/ --out vae_report/
     ctld-eval --method cubic --factor 5 thin_ct/ --out check/      # a baseline through the windowed engine
     ctld-eval --checkpoint runs/ctld/export --method prior thin_ct/ --out prior/   # the prior an untrained model gives
+    ctld-eval --checkpoint runs/ctld/export --adapt 200 thin_ct/ --out adapted/  # base vs adapted to each case
 
 DATA may be thin series (DICOM folders/ZIPs, NIfTI files): the thick input is simulated with
 `ctld.data.transforms.simulate_thick` (the slice profile the export was trained with, `--thick_profile`; box =
@@ -16,7 +17,9 @@ against the thin slices it covers, with the protocol of `ctld.metrics` (written 
 Outputs in REPORT_DIR: metrics.json (per case and mean, with the protocol), panels/<case>.png (axial, coronal,
 sagittal: thick | cubic | slab filter | each ctld mode | target | error of the first mode) and report.md (tables and
 figures). Rows: nearest, linear, cubic, slab_filter (the export's, fitted on its training split), ctld_regression,
-ctld_diffusion; columns in our protocol and the field's (RPLHR-CT, `ctld.metrics`), each named in the report.
+ctld_diffusion (and with `--adapt STEPS` ctld_<mode>_adapted: the export fine-tuned on in-plane pairs of that case's
+thick series alone, `ctld.adapt`; the thin target is never used for it); columns in our protocol and the field's
+(RPLHR-CT, `ctld.metrics`), each named in the report.
 Case names are salted hashes of the series (salt: $CTLD_SALT, else random per run): no identifiers leave.
 """
 
@@ -28,6 +31,7 @@ import logging
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +43,7 @@ from ctld.data.geometry import AlignmentError, align
 from ctld.data.shards import MANIFEST, iter_samples, manifest_shards
 from ctld.data.transforms import HU_WINDOWS, simulate_thick
 from ctld.data.volume import Volume
-from ctld.inference import add_infer_flags, infer_config_from, pick_device
+from ctld.inference import adapted_export, add_infer_flags, check_adapt_settings, infer_config_from, pick_device
 from ctld.inferer import fit_depth_windows, interpolate_at_spacing, interpolate_volume
 from ctld.metrics import PROTOCOL, all_metrics
 from ctld.panels import save_panels
@@ -184,11 +188,14 @@ def _table(rows: dict[str, dict[str, float]], keys=METRIC_KEYS) -> list[str]:
 
 def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, depth_thick: int, patch_size: int,
                            cfg, device, out: Path, progress: bool, panel_window: str,
-                           slab_filter: SlabFilter | None = None, model_pixel_spacing_mm: float | None = None) -> dict:
+                           slab_filter: SlabFilter | None = None, model_pixel_spacing_mm: float | None = None,
+                           case_models: Callable[[Case], dict] | None = None) -> dict:
     """Score the baselines (nearest, linear, cubic and, when given, the slab filter fitted on the training split)
     and every model of `models` ({name: (predict_fn, hu_range)}, run through the windowed engine at the export's
     in-plane pixel spacing `model_pixel_spacing_mm` when it was trained resampled) on every case;
-    returns the metrics document (also written). `models` may hold the target itself as {"target": None}."""
+    returns the metrics document (also written). `models` may hold the target itself as {"target": None}.
+    `case_models(case)` may add models made for one case (the export adapted to its thick series), scored after
+    `models` on that case only."""
     context, overlap = fit_depth_windows(depth_thick, cfg.depth_context, cfg.depth_overlap)
     per_case = []
     for case in cases:
@@ -197,7 +204,8 @@ def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, dept
         predictions = {method: interpolate_z(case.thick_hu, factor, method) for method in METHODS}
         if slab_filter is not None:
             predictions["slab_filter"] = slab_filter.apply(case.thick_hu)
-        for name, model in models.items():
+        here = {**models, **(case_models(case) if case_models is not None else {})}
+        for name, model in here.items():
             if model is None:
                 predictions[name] = case.target_hu.astype(np.float32)
                 continue
@@ -216,7 +224,7 @@ def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, dept
         columns = [("thick", thick_on_grid), ("cubic", predictions["cubic"][lo:hi])]
         if slab_filter is not None:
             columns.append(("slab_filter", predictions["slab_filter"][lo:hi]))
-        columns += [(name, predictions[name][lo:hi]) for name in models] + [("target", target)]
+        columns += [(name, predictions[name][lo:hi]) for name in here] + [("target", target)]
         save_panels(out / "panels" / f"{case.name}.png", columns, spacing_mm=case.thin_spacing_mm,
                     direction=case.direction, windows=(panel_window,), error_of=shown, reference="target")
         logger.info("%s: %s", case.name, {m: round(v["psnr_soft_tissue"], 2) for m, v in metrics.items()})
@@ -317,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         if not modes or any(m not in MODES for m in modes):
             raise ValueError(f"--modes={args.modes!r}: give one or more of {','.join(MODES)}")
         cfg = infer_config_from(args)
+        check_adapt_settings(cfg)
+        if cfg.adapt_steps > 0 and (args.vae or args.method != "ctld"):
+            raise ValueError("--adapt scores ctld adapted to each case: it needs --checkpoint and --method ctld")
         device = pick_device(args.device)
         export = load_export(args.checkpoint or args.vae, device) if (args.checkpoint or args.vae) else None
         defaults = DataConfig()
@@ -363,8 +374,21 @@ def main(argv: list[str] | None = None) -> int:
                 models = {"target": None}
             else:  # a baseline through the windowed engine, in HU, to check the stitching end to end
                 models = {f"windowed_{args.method}": (baseline_predictor(factor, args.method), None)}
+            case_models = None
+            if cfg.adapt_steps > 0:
+                def case_models(case: Case) -> dict:
+                    # The thick series alone: the case's thin target never reaches the adaptation.
+                    spacing = (case.thin_spacing_mm[0] * factor, *case.thin_spacing_mm[1:])
+                    adapted = adapted_export(export, case.thick_hu, spacing, cfg, device)
+                    logger.info("%s: adapted in %d steps, loss %.4f -> %.4f", case.name, cfg.adapt_steps,
+                                adapted.meta["adapted"]["first_loss"], adapted.meta["adapted"]["final_loss"])
+                    return {f"ctld_{m}_adapted": (CtldPredictor(adapted, mode=m, sampler=cfg.sampler,
+                                                                num_inference_steps=cfg.num_inference_steps,
+                                                                num_samples=cfg.num_samples, seed=cfg.seed,
+                                                                device=device), hu_range) for m in modes}
             result = evaluate_interpolation(cases, models, slab_filter=slab_filter,
-                                            model_pixel_spacing_mm=meta.get("inplane_spacing_mm"), **common)
+                                            model_pixel_spacing_mm=meta.get("inplane_spacing_mm"),
+                                            case_models=case_models, **common)
             mode = "interpolation"
             settings["method"] = args.method
     except (ValueError, FileNotFoundError, SeriesSkipped) as error:
@@ -382,6 +406,14 @@ def main(argv: list[str] | None = None) -> int:
                 "of num_samples diffusion samples started from the one-pass estimate noised to the strength",
         "scored_slices": "thin slices covered by the thick series (real pairs: where the thin series has them)",
     }
+    if settings.get("adapt_steps", 0) > 0 and settings.get("method") == "ctld":
+        protocol["adapted"] = (
+            f"ctld_<mode>_adapted = the same export after {settings['adapt_steps']} AdamW steps (lr "
+            f"{settings['adapt_lr']}, seed {settings['adapt_seed']}, {settings['adapt_batch_size']} patches per step) "
+            "on in-plane pairs of that case's thick series only (ctld.adapt: an in-plane axis resampled to the thin "
+            "spacing plays the slice axis); the thin target is never used for adaptation, only for scoring. The base "
+            "rows use the unadapted export"
+        )
     doc = {"mode": mode, "protocol": protocol, "settings": settings, **result}
     write_report(out, doc)
     print(json.dumps({"mean": doc["mean"], "report": str(out / "report.md")}, indent=2))

@@ -2,10 +2,12 @@
 
     ctld-infer thick_series/ --checkpoint runs/ctld/export --out thin/ --format dicom --sampler ddim --steps 20
     ctld-infer thick.nii.gz --checkpoint runs/ctld/export --out thin.nii.gz --format nifti --seed 1
+    ctld-infer thick.nii.gz --checkpoint runs/ctld/export --out thin.nii.gz --adapt 200 --save_adapted adapted/
 
 The series is read (ctld/series_io.py), checked against what the model was trained for (ctld/data/geometry.py),
 run through the sliding-window inferer (ctld/inferer.py) with the export's predictor (ctld/predictors.py) and
-written as a new series on the thin grid of docs/DESIGN.md.
+written as a new series on the thin grid of docs/DESIGN.md. With `--adapt STEPS` a copy of the export's U-Net is
+first fine-tuned on in-plane pairs of the input series itself (ctld/adapt.py); the export on disk is never changed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import logging
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -59,7 +62,33 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
                         help="contributing thick slices shared (blended) by neighbouring windows")
     parser.add_argument("--inplane_overlap", type=float, default=None, help="fraction of a tile shared by neighbours")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--adapt", dest="adapt_steps", type=int, default=None, metavar="STEPS",
+                        help="fine-tune a copy of the U-Net for STEPS steps on in-plane pairs of the thick series "
+                             "itself before interpolating it (0 = off; the export is never modified)")
+    parser.add_argument("--adapt_lr", type=float, default=None, help="AdamW learning rate of --adapt")
+    parser.add_argument("--adapt_seed", type=int, default=None, help="seed of --adapt (same seed -> same weights)")
+    parser.add_argument("--adapt_batch_size", type=int, default=None, help="patches per --adapt step")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def check_adapt_settings(cfg: InferConfig) -> None:
+    """Refuse adaptation settings that cannot run (before any series is read)."""
+    from ctld.adapt import check_settings
+
+    if cfg.adapt_steps < 0:
+        raise ValueError(f"--adapt STEPS must be >= 0 (0 = no adaptation), got {cfg.adapt_steps}")
+    if cfg.adapt_steps > 0:
+        check_settings(steps=cfg.adapt_steps, lr=cfg.adapt_lr, batch_size=cfg.adapt_batch_size)
+
+
+def adapted_export(export, thick_hu, spacing_mm, cfg: InferConfig, device):
+    """`export` fine-tuned on the series (ctld.adapt.adapt_export) when cfg.adapt_steps > 0, else `export`."""
+    if cfg.adapt_steps <= 0:
+        return export
+    from ctld.adapt import adapt_export
+
+    return adapt_export(export, thick_hu, spacing_mm, steps=cfg.adapt_steps, seed=cfg.adapt_seed, lr=cfg.adapt_lr,
+                        batch_size=cfg.adapt_batch_size, device=device)
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -83,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing_tolerance", type=float, default=None,
                         help="refuse series whose spacing is off factor x thin spacing by more than this fraction; "
                              "-1 = never refuse")
+    parser.add_argument("--save_adapted", default=None, metavar="DIR",
+                        help="with --adapt: also write the adapted model as an export folder DIR")
     add_infer_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -92,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = infer_config_from(args)
+        check_adapt_settings(cfg)
+        if args.save_adapted and cfg.adapt_steps <= 0:
+            raise ValueError("--save_adapted needs --adapt STEPS > 0 (there is nothing adapted to save)")
+        if args.save_adapted and Path(args.save_adapted).resolve() == Path(args.checkpoint).resolve():
+            raise ValueError("--save_adapted must not be the --checkpoint folder: the base export is never replaced")
         device = pick_device(args.device)
         export = load_export(args.checkpoint, device)
         meta = export.meta
@@ -100,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         check_thick_input(volume, factor=factor, thin_spacing_mm=float(meta.get("thin_spacing_mm", 1.0)),
                           spacing_tolerance=cfg.spacing_tolerance, name=str(args.input),
                           slice_thickness_mm=volume.meta.get("slice_thickness_mm"))
+        export = adapted_export(export, volume.hu, volume.spacing_mm, cfg, device)
+        if args.save_adapted:
+            from ctld.adapt import save_adapted
+
+            print(f"wrote {save_adapted(export, args.save_adapted)}")
         predictor = CtldPredictor(export, mode=cfg.mode, sampler=cfg.sampler,
                                   num_inference_steps=cfg.num_inference_steps, num_samples=cfg.num_samples,
                                   seed=cfg.seed, device=device)

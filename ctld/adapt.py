@@ -29,7 +29,7 @@ import torch
 from ctld.data.inplane import InplanePair, inplane_pairs
 from ctld.data.patches import sample_patch_pairs
 from ctld.data.transforms import hu_to_model
-from ctld.diffusion import ResidualSpec, encode_latents, residual_loss
+from ctld.diffusion import ResidualSpec, batch_residual_loss
 from ctld.export import Export, save_export
 from ctld.predictors import autocast_context
 
@@ -119,14 +119,10 @@ def batch_loss(unet, vae, scheduler, spec: ResidualSpec, thick: torch.Tensor, th
     """The trainer's objective (`ctld.train._unet_loss`) on one batch: posterior-mode thin latents of the frozen
     VAE around the export's prior latents, `residual_loss` with the export's residual scale and strength."""
     device = torch.device(device)
-    vae_dtype = next(vae.parameters()).dtype
     with autocast_context(device):
-        with torch.no_grad():
-            target = encode_latents(vae, thin.to(device).to(vae_dtype))
-            prior = spec.prior_latents(vae, thick.to(device).to(vae_dtype))
-        return residual_loss(unet, scheduler, target.float(), prior.float(), residual_scale=spec.residual_scale,
-                             strength=spec.strength, regression_fraction=regression_fraction,
-                             min_snr_gamma=MIN_SNR_GAMMA, generator=generator)
+        return batch_residual_loss(unet, vae, scheduler, spec, thick.to(device), thin.to(device),
+                                   regression_fraction=regression_fraction, min_snr_gamma=MIN_SNR_GAMMA,
+                                   generator=generator)
 
 
 def adapt_unet(export: Export, thick_hu: np.ndarray, spacing_mm, *, steps: int, seed: int = 0, lr: float = DEFAULT_LR,

@@ -321,6 +321,22 @@ def encode_latents(vae, x: torch.Tensor, *, generator: torch.Generator | None = 
     return z * vae.scaling_factor
 
 
+def batch_residual_loss(unet, vae, scheduler, spec: ResidualSpec, thick: torch.Tensor, thin: torch.Tensor, *,
+                        regression_fraction: float, min_snr_gamma: float | None = None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """The training objective on one batch of (thick, thin) patches in model units, on the models' device: the frozen
+    VAE's posterior-mode thin latents around the prior latents, through `residual_loss`. The trainer and the
+    adaptation to one series (ctld.adapt) both call it."""
+    vae_dtype = next(vae.parameters()).dtype
+    with torch.no_grad():
+        target = encode_latents(vae, thin.to(vae_dtype))
+        prior = spec.prior_latents(vae, thick.to(vae_dtype))
+    # The U-Net casts its input to its own weight dtype (DeepSpeed bf16 casts the model).
+    return residual_loss(unet, scheduler, target.float(), prior.float(), residual_scale=spec.residual_scale,
+                         strength=spec.strength, regression_fraction=regression_fraction, min_snr_gamma=min_snr_gamma,
+                         generator=generator)
+
+
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> (B, 1, D, H, W) images (model intensities, about [-1, 1])."""

@@ -60,7 +60,7 @@ from ctld.checkpointing import (
 from ctld.config import Config, ConfigError, check, flatten_config, load_config, save_config
 from ctld.data.loader import TrainStream
 from ctld.data.shards import manifest_training_grid, shard_urls
-from ctld.diffusion import ResidualSpec, build_sampler, build_train_scheduler, encode_latents, residual_loss
+from ctld.diffusion import ResidualSpec, batch_residual_loss, build_sampler, build_train_scheduler
 from ctld.distributed import (
     configure_deepspeed,
     optimizer_and_lr_scheduler,
@@ -336,16 +336,11 @@ def _vae_loss(vae, batch, cfg: Config, micro_step: int, rank: int, dtype, device
 
 
 def _unet_loss(unet, vae, noise_scheduler, spec: ResidualSpec, batch, cfg: Config, device) -> torch.Tensor:
-    """The residual objective (ctld.diffusion.residual_loss) on the posterior-mode thin latents around the prior
-    latents; the VAE is frozen and outside autograd."""
-    vae_dtype = next(vae.parameters()).dtype
-    with torch.no_grad():
-        target = encode_latents(vae, batch["thin"].to(device, non_blocking=True).to(vae_dtype))
-        prior = spec.prior_latents(vae, batch["thick"].to(device, non_blocking=True).to(vae_dtype))
-    # The U-Net casts its input to its own weight dtype (DeepSpeed bf16 casts the model).
-    return residual_loss(unet, noise_scheduler, target.float(), prior.float(), residual_scale=spec.residual_scale,
-                         strength=spec.strength, regression_fraction=cfg.diffusion.regression_fraction,
-                         min_snr_gamma=cfg.diffusion.min_snr_gamma)
+    """The residual objective (ctld.diffusion.batch_residual_loss); the VAE is frozen and outside autograd."""
+    return batch_residual_loss(unet, vae, noise_scheduler, spec, batch["thick"].to(device, non_blocking=True),
+                               batch["thin"].to(device, non_blocking=True),
+                               regression_fraction=cfg.diffusion.regression_fraction,
+                               min_snr_gamma=cfg.diffusion.min_snr_gamma)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -303,6 +303,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     args = typing.get_args(annotation)
     if isinstance(value, _PlainText):
         if _takes_text(annotation):
+            if _yaml_value(value) is None:  # `null` / `~` is no value, not the text "null" (a guessable salt)
+                raise ConfigError(f"config key '{key}' is null; write '' for empty, or leave the key out")
             value = str(value)  # the text as written
         elif origin in (tuple, list):
             try:  # a `--key=[1, 2]` override

@@ -116,6 +116,8 @@ def _shard_cases(folder: Path, factor: int, salt: str, start: int) -> list[Case]
         raise ValueError(f"{folder}: the manifest lists no test shards; build shards with a test_fraction > 0")
     cases = []
     for sample in iter_samples(urls):
+        if sample["meta"].get("thick_source") == "inplane":  # a training device, not a through-plane case
+            continue
         if sample["factor"] != factor:
             raise ValueError(f"{sample['__url__']}: sample {sample['__key__']} has factor {sample['factor']}, the "
                              f"model's is {factor}")

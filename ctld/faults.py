@@ -1,4 +1,4 @@
-"""Fault injection for the fault-campaign tests (tests/test_faults.py); inert unless these variables are set.
+"""Fault injection for the fault-campaign tests (tests/test_train.py); inert unless these variables are set.
 
     CTLD_FAULT_NONFINITE="3,5:1"         the loss of micro-batch 3 (every rank) and 5 (rank 1 only) becomes NaN
     CTLD_FAULT_KILL="step:4:1"           rank 1 SIGKILLs itself in the middle of optimizer step 4 (after forward)

@@ -8,6 +8,7 @@ import yaml
 from ctld.config import (
     Config,
     ConfigError,
+    build_config,
     config_to_dict,
     flatten_config,
     load_config,
@@ -136,7 +137,6 @@ def test_flatten_gives_tensorboard_types(repo_root):
         ("--train.run_name=2.10", "train", "run_name", "2.10"),
         ("--train.run_name=007", "train", "run_name", "007"),
         ("--train.run_name=yes", "train", "run_name", "yes"),
-        ("--train.run_name=null", "train", "run_name", "null"),
         ("--train.resume=1e3", "train", "resume", "1e3"),
         ("--shards.salt=0123", "shards", "salt", "0123"),
         ("--train.lr_scheduler=off", "train", "lr_scheduler", "off"),
@@ -185,3 +185,13 @@ def test_salt_is_redacted_wherever_the_config_is_written(tmp_path, repo_root):
     assert config_to_dict(cfg, redact=False)["shards"]["salt"] == secret
     empty = load_config(repo_root / "configs" / "tiny.yaml")
     assert flatten_config(empty)["shards.salt"] == ""  # nothing set: nothing to hide
+
+
+def test_null_is_not_the_text_null(tmp_path):
+    """`salt: null` must not become the public salt "null" (nor `resume: ~` a path named "~")."""
+    for text in ("shards:\n  salt: null\n", "train:\n  resume: ~\n"):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(ConfigError, match="is null"):
+            load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="is null"):
+        build_config(parse_overrides(["--shards.salt=null"]))

@@ -410,3 +410,13 @@ def test_pair_kinds_are_mixed_in_the_configured_shares(tmp_path, data_cfg):
     with pytest.raises(ValueError, match="weight"):
         make_patch_loader(urls, dataclasses.replace(cfg, weight_real=0, weight_simulated=0, weight_inplane=0), rank=0,
                           world_size=1, seed=0)
+
+
+def test_weights_that_drop_every_sample_fail_instead_of_hanging(tmp_path, data_cfg):
+    """Shards of simulated pairs only, with weight_simulated 0: a clear error, not a stream that never yields."""
+    import dataclasses
+
+    urls = write_shards(tmp_path, make_samples(4), per_shard=4)
+    cfg = dataclasses.replace(data_cfg, weight_simulated=0.0)
+    with pytest.raises(RuntimeError, match="dropped by the pair-kind weights"):
+        next(iter(make_patch_loader(urls, cfg, rank=0, world_size=1, seed=0, num_workers=0)))

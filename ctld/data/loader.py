@@ -62,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 # Fail a worker after this many shards in a row could not be read (every URL wrong, bucket unreachable).
 MAX_CONSECUTIVE_BAD_SHARDS = 8
+# Fail a worker whose pair-kind weights dropped this many samples in a row (the shards hold no weighted kind).
+MAX_DROPPED_IN_A_ROW = 200
 # Judge the skipped fraction only after this many samples, so one bad sample at the start is not fatal.
 MIN_SAMPLES_BEFORE_FAILING = 20
 # Warn for the first few events of each kind, then every 100th, so a large damaged set does not flood logs.
@@ -218,6 +220,7 @@ class _DecodePairs:
         state = self.state
         # Its own generator: with equal weights nothing is drawn and the other stages' streams are unchanged.
         rng = state.rng(_STAGE_MIX)
+        dropped_in_a_row = 0
         for raw in src:
             state.counts["volumes"] += 1
             where = f"sample {raw.get('__key__')!r} in shard {raw.get('__url__')}"
@@ -234,10 +237,19 @@ class _DecodePairs:
                 )
                 state.check_skipped()
                 continue
-            keep = self.keep.get(sample["meta"].get("thick_source", "real"), 1.0)
+            kind = sample["meta"].get("thick_source", "real")
+            keep = self.keep.get(kind, 1.0)
             if keep < 1.0 and rng.random() >= keep:
-                state.counts[f"share_{sample['meta'].get('thick_source')}_dropped"] += 1
+                state.counts[f"share_{kind}_dropped"] += 1
+                dropped_in_a_row += 1
+                if dropped_in_a_row >= MAX_DROPPED_IN_A_ROW:
+                    raise RuntimeError(
+                        f"{state.where()}: the last {dropped_in_a_row} samples were all dropped by the pair-kind "
+                        f"weights (data.weight_real/simulated/inplane = {self.keep}); these shards hold kinds whose "
+                        f"weight is 0 or tiny. Raise the weight of a kind the shards hold (e.g. data.weight_{kind})"
+                    )
                 continue
+            dropped_in_a_row = 0
             yield sample
 
 

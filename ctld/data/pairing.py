@@ -176,12 +176,16 @@ def make_sample(
     return encode_sample(sample_key(thin), thin_hu, thick_hu, info)
 
 
-def make_inplane_sample(thick: Volume, axis: str, *, factor: int, split: str, thick_profile: str = "box") -> dict:
+def make_inplane_sample(thick: Volume, axis: str, *, factor: int, split: str, thick_profile: str = "box",
+                        inplane_spacing_mm: float = 0.0) -> dict:
     """The shard sample of one in-plane pair of a thick-only series (`ctld.data.inplane`): the in-plane `axis`
     resampled to dz / factor plays the slice axis; recorded as `thick_source: "inplane"` with `inplane_axis`."""
     from ctld.data.inplane import inplane_pair
 
-    pair = inplane_pair(thick.hu, thick.spacing_mm, axis=axis, factor=factor, profile=thick_profile)
+    hu, spacing = thick.hu, thick.spacing_mm
+    if inplane_spacing_mm > 0:  # the pixel grid the through-plane samples (and inference) use
+        hu, spacing = geometry.resample_inplane(hu, spacing, inplane_spacing_mm)
+    pair = inplane_pair(hu, spacing, axis=axis, factor=factor, profile=thick_profile)
     direction = np.asarray(thick.direction)
     # The pair's grid (columns W, H, D as in Volume.direction): depth = the chosen in-plane axis, rows = the
     # original slice axis, columns = the other in-plane axis.

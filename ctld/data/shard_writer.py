@@ -25,7 +25,8 @@ def _build_job(args: tuple[Job, int, str, float, float, float, str]) -> dict:
         if job.kind == "inplane":
             thick = dicom.load_series(job.thick_plan)
             return {"ok": True, "sample": make_inplane_sample(thick, job.inplane_axis, factor=factor, split=job.split,
-                                                              thick_profile=thick_profile)}
+                                                              thick_profile=thick_profile,
+                                                              inplane_spacing_mm=inplane_spacing_mm)}
         if job.kind == "dicom":
             thin = dicom.load_series(job.thin_plan)
             thick = None

@@ -32,7 +32,10 @@ def held_out_from_shards(shards_dir: Path, out: Path) -> dict:
             f"{shards_dir} has no test split to hold out: the folders given with --data hold too few patients "
             f"for shards.test_fraction; pass more patients or raise --shards.test_fraction"
         )
-    sample = next(iter_samples(test_urls[:1]))
+    through_plane = (s for s in iter_samples(test_urls) if s["meta"].get("thick_source") != "inplane")
+    sample = next(through_plane, None)
+    if sample is None:
+        raise ValueError(f"{shards_dir}: the test split holds only in-plane pairs; no through-plane case to hold out")
     info, thick_hu, thin_hu = sample["meta"], sample["thick"], sample["thin"]
     thick = Volume(
         hu=thick_hu,

@@ -9,20 +9,26 @@ A SIGKILL cannot be caught, so it is the honest stand-in for a node lost to the 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
 
-def _parse(variable: str) -> set[tuple[str, int, int]]:
-    """{(where, index, rank)}; rank -1 = every rank."""
+def _parse(variable: str) -> frozenset[tuple[str, int, int]]:
+    """{(where, index, rank)}; rank -1 = every rank. Called every micro-step: parsed once per value."""
+    return _parse_text(os.environ.get(variable, ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_text(text: str) -> frozenset[tuple[str, int, int]]:
     planted = set()
-    for item in filter(None, os.environ.get(variable, "").split(",")):
+    for item in filter(None, text.split(",")):
         parts = item.split(":")
         where = parts.pop(0) if not parts[0].isdigit() else ""
         index = int(parts[0])
         rank = int(parts[1]) if len(parts) > 1 else -1
         planted.add((where, index, rank))
-    return planted
+    return frozenset(planted)
 
 
 def nonfinite_planted(micro_step: int, rank: int) -> bool:

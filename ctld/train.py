@@ -57,9 +57,10 @@ from ctld.checkpointing import (
     resolve_resume,
     save_checkpoint,
 )
-from ctld.config import Config, ConfigError, check, flatten_config, load_config, save_config
-from ctld.data.loader import TrainStream
+from ctld.config import Config, ConfigError, flatten_config, load_config, save_config
+from ctld.config_checks import check
 from ctld.data.shards import manifest_training_grid, shard_urls
+from ctld.data.train_stream import TrainStream
 from ctld.diffusion import ResidualSpec, batch_residual_loss, build_sampler, build_train_scheduler
 from ctld.distributed import (
     configure_deepspeed,

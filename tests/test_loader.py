@@ -375,7 +375,7 @@ def test_train_seed_reaches_the_trainers_data_stream(built_shards, tiny_cfg):
     import dataclasses
     from types import SimpleNamespace
 
-    from ctld.data.loader import TrainStream
+    from ctld.data.train_stream import TrainStream
 
     def first_batch(train_seed: int) -> torch.Tensor:
         cfg = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, shards_dir=str(built_shards)),

@@ -49,7 +49,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ctld.config import DataConfig, check_data
+from ctld.config import DataConfig
+from ctld.config_checks import check_data
 from ctld.data.geometry import covered_pair
 from ctld.data.patches import fits_patch, sample_patch_pairs_d
 from ctld.data.shards import decode_sample, iter_samples
@@ -442,46 +443,3 @@ def make_patch_loader(
         num_batches = math.ceil(data_cfg.samples_per_epoch / data_cfg.batch_size)
         loader = loader.with_epoch(num_batches).with_length(num_batches, silent=True)
     return loader
-
-
-class TrainStream:
-    """The trainer's batches for one rank: a resampled patch loader reopened, keyed by the step, at every
-    checkpoint and when a pass ends, so a run resumed from step N sees what an uninterrupted run sees after N."""
-
-    def __init__(self, urls: list[str], cfg, accelerator):
-        if not urls:
-            raise ValueError(
-                f"no training shards found (data.shards_dir={cfg.data.shards_dir!r}, data.train_urls="
-                f"{cfg.data.train_urls!r}); build them with `ctld-shards build`"
-            )
-        self.urls, self.cfg, self.accelerator = urls, cfg, accelerator
-        self._iterator = None
-        self._opened_at = -1
-
-    def open(self, step: int) -> None:
-        if step == self._opened_at:
-            return
-        loader = make_patch_loader(
-            self.urls,
-            self.cfg.data,
-            rank=self.accelerator.process_index,
-            world_size=self.accelerator.num_processes,
-            seed=self.cfg.train.seed,  # combined with data.seed inside the loader
-            resampled=True,
-            epoch=step,
-        )
-        self._iterator, self._opened_at = iter(loader), step
-
-    def next(self, step: int) -> dict:
-        try:
-            return next(self._iterator)
-        except StopIteration:
-            self._opened_at = -1
-            self.open(step)
-            try:
-                return next(self._iterator)
-            except StopIteration:
-                raise RuntimeError(
-                    f"the training loader yields no batches (shards {self.urls[:3]}...): check data.batch_size and "
-                    "data.samples_per_epoch, and that the shards hold volumes of at least one patch"
-                ) from None

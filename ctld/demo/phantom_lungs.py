@@ -90,13 +90,7 @@ def place_nodules(
 
     Returns the nodules' signed distances, the HU of the nodule covering each voxel, and their records."""
     grid = torso.grid
-    A, B_ant, B_post, yc, Z = (
-        torso.half_width_mm,
-        torso.half_depth_anterior_mm,
-        torso.half_depth_posterior_mm,
-        torso.center_y_mm,
-        torso.height_mm,
-    )
+    A, B_ant, B_post, yc, Z = torso.outline_mm
     records: list[dict] = []
     nodule_sd = grid.empty()
     nodule_hu = np.zeros(grid.shape, dtype=np.float32)

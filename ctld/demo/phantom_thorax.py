@@ -49,6 +49,12 @@ class Torso:
     muscle_sd: np.ndarray  # under the subcutaneous fat
     cavity_sd: np.ndarray  # inside the muscle layer
 
+    @property
+    def outline_mm(self) -> tuple[float, float, float, float, float]:
+        """(A, B_ant, B_post, yc, Z): the outline's half-width, anterior and posterior half-depths, centre, height."""
+        return (self.half_width_mm, self.half_depth_anterior_mm, self.half_depth_posterior_mm, self.center_y_mm,
+                self.height_mm)
+
     def wall_point(self, phi: float, z_mm: float, depth_fraction: float) -> np.ndarray:
         """(x, y, z) mm of the point at `depth_fraction` of the muscle layer, along angle phi at height z_mm."""
         A, B_ant, B_post, yc = (
@@ -199,13 +205,7 @@ class GreatVessels:
 def make_great_vessels(torso: Torso, spine: SpineLayout, heart: Heart) -> GreatVessels:
     """Aorta, pulmonary trunk and arteries, superior vena cava: polylines of tubes."""
     grid, s = torso.grid, torso.organ_scale
-    A, B_ant, B_post, yc, Z = (
-        torso.half_width_mm,
-        torso.half_depth_anterior_mm,
-        torso.half_depth_posterior_mm,
-        torso.center_y_mm,
-        torso.height_mm,
-    )
+    A, B_ant, B_post, yc, Z = torso.outline_mm
     rv, y_vert = spine.body_radius_mm, spine.body_y_mm
     top = Z * 1.05
     aorta_pts = [

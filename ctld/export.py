@@ -12,6 +12,7 @@ half-written export. Nothing is pickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -143,6 +144,22 @@ def save_export(
         raise
     logger.info("wrote export %s", directory)
     return directory
+
+
+def vae_hash(directory: str | Path) -> str:
+    """The identity of an export's VAE: sha256 over vae.json and vae.safetensors (hex). Latent shards record the
+    VAE they were encoded with, and a diffusion export the VAE export it was trained on, by this hash."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for name in ("vae.json", "vae.safetensors"):
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"export {directory} is incomplete: {name} is missing")
+        digest.update(name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _load_scheduler(directory: Path):

@@ -13,9 +13,10 @@ from accelerate.logging import get_logger
 
 from ctld.baselines import SlabFilter, fit_slab_filter
 from ctld.config import Config
+from ctld.data.latent_shards import latent_shard_urls
 from ctld.data.loader import iter_covered_pairs, make_patch_loader
 from ctld.data.shards import shard_urls
-from ctld.diffusion import ResidualSpec, encode_latents
+from ctld.diffusion import ResidualSpec, encode_pair
 from ctld.distributed import std_over_ranks
 from ctld.validation import VAL_SEED
 
@@ -39,14 +40,17 @@ def fit_slab_filter_on_shards(cfg: Config) -> SlabFilter:
 def estimate_residual_scale(accelerator: Accelerator, vae, spec: ResidualSpec, cfg: Config) -> float:
     """1 / std of z_thin - z_prior over `train.scale_batches` batches per rank of a fixed-seed training stream,
     so the diffusion sees a unit-variance residual (as the VAE's scaling_factor does for latents)."""
-    loader = make_patch_loader(shard_urls(cfg.data, "train"), cfg.data, rank=accelerator.process_index,
-                               world_size=accelerator.num_processes, seed=VAL_SEED + cfg.train.seed, resampled=True,
-                               num_workers=0, epoch=0)
-    dtype = next(vae.parameters()).dtype
+    latent = bool(cfg.data.latent_shards_dir)
+    urls = latent_shard_urls(cfg.data.latent_shards_dir) if latent else shard_urls(cfg.data, "train")
+    loader = make_patch_loader(urls, cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                               seed=VAL_SEED + cfg.train.seed, resampled=True, num_workers=0, epoch=0, latent=latent)
     device = accelerator.device
     batches = itertools.islice(loader, max(1, cfg.train.scale_batches))
-    residuals = (encode_latents(vae, b["thin"].to(device).to(dtype))
-                 - spec.prior_latents(vae, b["thick"].to(device).to(dtype)) for b in batches)
+    if latent:
+        residuals = (b["z_thin"].to(device) - b["z_prior"].to(device) for b in batches)
+    else:
+        residuals = (encode_pair(vae, spec, b["thick"].to(device), b["thin"].to(device)) for b in batches)
+        residuals = (target - prior for target, prior in residuals)
     std, _ = std_over_ranks(accelerator, residuals)
     logger.info(f"residual latent std {std:.4g} around the {spec.prior} prior: residual_scale = {1 / std:.4g}")
     return 1.0 / std

@@ -34,6 +34,9 @@ class DataConfig:
     shards_dir: str = "shards"  # a folder with manifest.json from `ctld-shards build`
     train_urls: str = ""  # explicit shard URLs/brace pattern/pipe: command; empty = from shards_dir
     val_urls: str = ""
+    # Diffusion stage: train on latent shards (`ctld-shards encode`) instead of encoding every patch at every step;
+    # validation still reads the pixel shards above. "" = encode on the fly.
+    latent_shards_dir: str = ""
     hu_min: float = -1024.0  # intensity window mapped to [-1, 1]; wide so lung, soft tissue and bone survive
     hu_max: float = 2048.0
     factor: int = 5  # thick spacing / thin spacing, e.g. 5 mm -> 1 mm

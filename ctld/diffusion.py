@@ -321,16 +321,32 @@ def encode_latents(vae, x: torch.Tensor, *, generator: torch.Generator | None = 
     return z * vae.scaling_factor
 
 
+@torch.no_grad()
+def encode_pair(vae, spec: ResidualSpec, thick: torch.Tensor, thin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, prior): the frozen VAE's posterior-mode thin latents and the prior latents of (thick, thin) patches
+    in model units, fp32. What the training objective is computed on; `ctld-shards encode` stores exactly these."""
+    vae_dtype = next(vae.parameters()).dtype
+    target = encode_latents(vae, thin.to(vae_dtype))
+    prior = spec.prior_latents(vae, thick.to(vae_dtype))
+    return target.float(), prior.float()
+
+
 def batch_residual_loss(unet, vae, scheduler, spec: ResidualSpec, thick: torch.Tensor, thin: torch.Tensor, *,
                         regression_fraction: float, min_snr_gamma: float | None = None,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """The training objective on one batch of (thick, thin) patches in model units, on the models' device: the frozen
-    VAE's posterior-mode thin latents around the prior latents, through `residual_loss`. The trainer and the
-    adaptation to one series (ctld.adapt) both call it."""
-    vae_dtype = next(vae.parameters()).dtype
-    with torch.no_grad():
-        target = encode_latents(vae, thin.to(vae_dtype))
-        prior = spec.prior_latents(vae, thick.to(vae_dtype))
+    VAE's posterior-mode thin latents around the prior latents (`encode_pair`), through `residual_loss`. The trainer
+    (on pixel shards) and the adaptation to one series (ctld.adapt) call it."""
+    target, prior = encode_pair(vae, spec, thick, thin)
+    return spec_residual_loss(unet, scheduler, spec, target, prior, regression_fraction=regression_fraction,
+                              min_snr_gamma=min_snr_gamma, generator=generator)
+
+
+def spec_residual_loss(unet, scheduler, spec: ResidualSpec, target: torch.Tensor, prior: torch.Tensor, *,
+                       regression_fraction: float, min_snr_gamma: float | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """`residual_loss` with the residual's scale and strength from `spec`, on encoded latents (from `encode_pair`
+    or latent shards)."""
     # The U-Net casts its input to its own weight dtype (DeepSpeed bf16 casts the model).
     return residual_loss(unet, scheduler, target.float(), prior.float(), residual_scale=spec.residual_scale,
                          strength=spec.strength, regression_fraction=regression_fraction, min_snr_gamma=min_snr_gamma,

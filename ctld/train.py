@@ -48,6 +48,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ctld import faults
+from ctld.baselines import SlabFilter
 from ctld.calibration import estimate_residual_scale, estimate_scaling_factor, fit_slab_filter_on_shards
 from ctld.checkpointing import (
     StopRequest,
@@ -59,9 +60,10 @@ from ctld.checkpointing import (
 )
 from ctld.config import Config, ConfigError, flatten_config, load_config, save_config
 from ctld.config_checks import check
+from ctld.data.latent_shards import MATCHED_SETTINGS, check_latent_manifest, latent_shard_urls, read_latent_manifest
 from ctld.data.shards import manifest_training_grid, shard_urls
 from ctld.data.train_stream import TrainStream
-from ctld.diffusion import ResidualSpec, batch_residual_loss, build_sampler, build_train_scheduler
+from ctld.diffusion import ResidualSpec, build_sampler, build_train_scheduler, encode_pair, spec_residual_loss
 from ctld.distributed import (
     configure_deepspeed,
     optimizer_and_lr_scheduler,
@@ -69,7 +71,8 @@ from ctld.distributed import (
     resolve_mixed_precision,
     zero_stage,
 )
-from ctld.export import load_export, save_export
+from ctld.export import save_export, vae_hash
+from ctld.frozen_vae import load_frozen_vae
 from ctld.models.unet import UNet3D
 from ctld.models.vae import AutoencoderKL3D
 from ctld.run_info import LogMeter, git_commit, log_run_start, run_info
@@ -83,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         check(cfg)
-    except (ConfigError, ValueError) as error:
+        if cfg.data.latent_shards_dir:
+            latent_train_urls(cfg)  # refuse latent shards of another VAE or config before any process starts work
+    except (ConfigError, FileNotFoundError, ValueError) as error:
         # One line from the first rank, not a traceback from every rank; exit 2 on all of them.
         if os.environ.get("RANK", "0") == "0":
             print(f"ctld train: error: {error}", file=sys.stderr)
@@ -157,7 +162,9 @@ def train(cfg: Config) -> None:
     log_run_start(info)
 
     # Data: never through `prepare` (it would split the rank's stream again); each rank reads its own shards.
-    train_stream = TrainStream(shard_urls(cfg.data, "train"), cfg, accelerator)
+    latent = bool(cfg.data.latent_shards_dir)
+    train_stream = TrainStream(latent_train_urls(cfg) if latent else shard_urls(cfg.data, "train"), cfg, accelerator,
+                               latent=latent)
     train_stream.open(step)
     try:
         val_urls = shard_urls(cfg.data, "val")
@@ -310,9 +317,12 @@ def _build_models(cfg: Config, device: torch.device, mixed_precision: str):
     sampler = build_sampler(cfg.diffusion.sampler, noise_scheduler.config)
     # A closed-form fit on the first training volumes: every rank and every launch gets the same filter.
     # residual_scale is set after resume: a resumed run keeps the checkpoint's value.
+    # Latent shards carry the filter their priors were encoded with.
+    slab_filter = (SlabFilter.from_json(read_latent_manifest(cfg.data.latent_shards_dir)["slab_filter"])
+                   if cfg.data.latent_shards_dir else fit_slab_filter_on_shards(cfg))
     spec = ResidualSpec(prior=cfg.diffusion.prior, factor=cfg.data.factor, residual_scale=1.0,
                         strength=cfg.diffusion.strength, num_train_timesteps=cfg.diffusion.num_train_timesteps,
-                        slab_filter=fit_slab_filter_on_shards(cfg))
+                        slab_filter=slab_filter)
     # EMA of the U-Net in fp32 (bf16 cannot hold updates of 1e-4 relative size), created before `prepare`
     # casts the model. Saved and restored with each checkpoint (ctld.checkpointing).
     # foreach: one fused update (and under ZeRO-3 one gather of all parameters instead of one per tensor).
@@ -337,11 +347,29 @@ def _vae_loss(vae, batch, cfg: Config, micro_step: int, rank: int, dtype, device
 
 
 def _unet_loss(unet, vae, noise_scheduler, spec: ResidualSpec, batch, cfg: Config, device) -> torch.Tensor:
-    """The residual objective (ctld.diffusion.batch_residual_loss); the VAE is frozen and outside autograd."""
-    return batch_residual_loss(unet, vae, noise_scheduler, spec, batch["thick"].to(device, non_blocking=True),
-                               batch["thin"].to(device, non_blocking=True),
-                               regression_fraction=cfg.diffusion.regression_fraction,
-                               min_snr_gamma=cfg.diffusion.min_snr_gamma)
+    """The residual objective (ctld.diffusion): on latent-shard batches directly, on pixel batches after the frozen
+    VAE encodes them (outside autograd)."""
+    if "z_thin" in batch:
+        target, prior = batch["z_thin"].to(device, non_blocking=True), batch["z_prior"].to(device, non_blocking=True)
+    else:
+        target, prior = encode_pair(vae, spec, batch["thick"].to(device, non_blocking=True),
+                                    batch["thin"].to(device, non_blocking=True))
+    return spec_residual_loss(unet, noise_scheduler, spec, target, prior,
+                              regression_fraction=cfg.diffusion.regression_fraction,
+                              min_snr_gamma=cfg.diffusion.min_snr_gamma)
+
+
+def latent_train_urls(cfg: Config) -> list[str]:
+    """The training split of data.latent_shards_dir, refused (ValueError naming the difference) when it was encoded
+    with another VAE export than train.vae_export or other patch geometry, intensity window or prior."""
+    if cfg.train.stage != "diffusion":
+        raise ValueError("data.latent_shards_dir is for the diffusion stage; the VAE stage trains on pixel shards")
+    latent_dir = cfg.data.latent_shards_dir
+    urls = latent_shard_urls(latent_dir, "train")
+    values = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in MATCHED_SETTINGS}
+    check_latent_manifest(read_latent_manifest(latent_dir), values=values, vae_sha256=vae_hash(cfg.train.vae_export),
+                          where=f"data.latent_shards_dir={latent_dir}")
+    return urls
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,22 +429,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _load_frozen_vae(cfg: Config, device: torch.device, mixed_precision: str) -> AutoencoderKL3D:
-    # Loaded on the CPU, then moved: safetensors rejects device strings like "cpu:0" (accelerate's MULTI_CPU).
-    export = load_export(cfg.train.vae_export, "cpu")
-    meta = export.meta
-    for key in ("hu_min", "hu_max"):
-        if float(meta[key]) != float(getattr(cfg.data, key)):
-            raise ValueError(
-                f"the VAE in {cfg.train.vae_export} was trained with {key}={meta[key]} but data.{key}="
-                f"{getattr(cfg.data, key)}; use the VAE run's intensity window (--data.{key}={meta[key]})"
-            )
-    vae = export.vae
-    if cfg.data.patch_size % vae.inplane_factor:
-        raise ValueError(f"data.patch_size={cfg.data.patch_size} must be a multiple of the VAE's in-plane factor "
-                         f"{vae.inplane_factor}")
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    vae.requires_grad_(False)
-    return vae.to(device=device, dtype=weight_dtype).eval()
+    return load_frozen_vae(cfg.train.vae_export, cfg.data, device, weight_dtype)
 
 
 def _training_grid(cfg: Config) -> dict[str, float]:

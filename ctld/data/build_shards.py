@@ -1,9 +1,11 @@
-"""`ctld-shards`: build, inspect and verify the WebDataset shards ctld trains on.
+"""`ctld-shards`: build, inspect and verify the WebDataset shards ctld trains on, and encode them into latents.
 
     ctld-shards build /data/dicom /data/more.zip /data/nifti --out shards --config configs/base.yaml \
         --shards.num_workers=8 --data.factor=5
     ctld-shards inspect shards          # manifest summary
     ctld-shards verify shards           # re-read every shard: sha256, sample count, decodable arrays
+    ctld-shards encode --vae runs/vae1/export shards --out latent_shards --config configs/base.yaml
+                                        # latent shards for the diffusion stage (ctld/data/encode_latents.py)
 
 Build: find files (folders, ZIPs, NIfTI, preprocessed cache) -> scan DICOM headers (worker processes) -> group,
 validate and sort series -> pair thick/thin (or plan a simulated thick) -> assign samples to shards by patient
@@ -273,13 +275,45 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("inspect", "print the manifest summary"), ("verify", "re-read and check every shard")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("out", help="a folder written by `ctld-shards build`")
+    encode_parser = commands.add_parser(
+        "encode", help="encode pixel shards once with a frozen VAE into latent shards for the diffusion stage")
+    encode_parser.add_argument("shards", help="a folder written by `ctld-shards build`")
+    encode_parser.add_argument("--vae", required=True, help="the VAE stage's export folder (runs/<name>/export)")
+    encode_parser.add_argument("--out", required=True, help="output folder of the latent shards")
+    encode_parser.add_argument("--config", help="the diffusion stage's YAML config (patch geometry, prior)")
+    encode_parser.add_argument("--patches_per_volume", type=int, default=16,
+                               help="patch pairs cut and encoded per volume (the pool the trainer draws from)")
+    encode_parser.add_argument("--batch_size", type=int, default=8, help="patches per VAE forward pass")
+    encode_parser.add_argument("--splits", default="train", help="comma-separated splits to encode")
+    encode_parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                               help="stored latent precision (float16 halves the size)")
+    encode_parser.add_argument("--seed", type=int, default=0, help="seeds the crops and symmetries per sample key")
+    encode_parser.add_argument("--overwrite", action="store_true", help="replace latent shards of another encode")
+    encode_parser.add_argument("--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     return parser
 
 
+def _encode_command(args: argparse.Namespace, extra: list[str]) -> int:
+    from ctld.data.encode_latents import encode
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, extra) if args.config else build_config(parse_overrides(extra))
+        encode(Path(args.shards), Path(args.vae), Path(args.out), cfg, patches_per_volume=args.patches_per_volume,
+               batch_size=args.batch_size, splits=tuple(s for s in args.splits.split(",") if s), dtype=args.dtype,
+               seed=args.seed, overwrite=args.overwrite)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"ctld-shards encode: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`ctld-shards build|inspect|verify`; extra `--section.key=value` arguments override the config."""
+    """`ctld-shards build|inspect|verify|encode`; extra `--section.key=value` arguments override the config."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "encode":
+        return _encode_command(args, extra)
     if args.command != "build":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -52,6 +52,8 @@ import webdataset as wds
 from ctld.config import DataConfig
 from ctld.config_checks import check_data
 from ctld.data.geometry import covered_pair
+from ctld.data.latent_patches import collate_latents, sample_latent_patches
+from ctld.data.latent_shards import decode_latent_sample
 from ctld.data.patches import fits_patch, sample_patch_pairs_d
 from ctld.data.shards import decode_sample, iter_samples
 from ctld.data.tar_reader import iter_raw_samples
@@ -212,8 +214,8 @@ class _DecodePairs:
     """Raw samples -> decoded pairs of the configured factor; bad samples and other factors counted, skipped; pair
     kinds kept in the configured shares (data.weight_*)."""
 
-    def __init__(self, state: _StreamState, factor: int, weights: dict[str, float]):
-        self.state, self.factor = state, factor
+    def __init__(self, state: _StreamState, factor: int, weights: dict[str, float], decode=decode_sample):
+        self.state, self.factor, self.decode = state, factor, decode
         top = max(weights.values())
         self.keep = {kind: weight / top for kind, weight in weights.items()}
 
@@ -226,7 +228,7 @@ class _DecodePairs:
             state.counts["volumes"] += 1
             where = f"sample {raw.get('__key__')!r} in shard {raw.get('__url__')}"
             try:
-                sample = decode_sample(raw)
+                sample = self.decode(raw)
             except Exception as exn:  # noqa: BLE001 - undecodable bytes come in many exception types
                 state.count("bad_sample", f"skipping {where}: {exn}")
                 state.check_skipped()
@@ -298,6 +300,23 @@ class _SamplePatches:
             yield from patches
 
 
+class _SampleLatentPatches:
+    """Decoded latent sample -> K of its encoded patch pairs (ctld/data/latent_patches.py)."""
+
+    def __init__(self, state: _StreamState, count: int):
+        self.state, self.count = state, count
+
+    def __call__(self, src):
+        rng = self.state.rng(_STAGE_PATCHES)
+        for sample in src:
+            patches = sample_latent_patches(sample, rng=rng, count=self.count)
+            if not patches:
+                self.state.count("too_small", f"skipping sample {sample['__key__']!r} in shard {sample['__url__']}: "
+                                              "it holds no encoded patch")
+                self.state.check_skipped()
+            yield from patches
+
+
 class _ShufflePatches:
     """Shuffle buffer of patch pairs, so the K patches of one volume spread over several batches."""
 
@@ -341,6 +360,7 @@ class _PatchPipeline(wds.DataPipeline):
         seed: int,
         resampled: bool,
         epoch: int,
+        latent: bool = False,
     ):
         self.state = _StreamState(
             seed=seed,
@@ -359,11 +379,14 @@ class _PatchPipeline(wds.DataPipeline):
                 "real": data_cfg.weight_real,
                 "simulated": data_cfg.weight_simulated,
                 "inplane": data_cfg.weight_inplane,
-            }),
-            _SamplePatches(self.state, data_cfg),  # K aligned patch pairs per volume, cropped/padded/augmented
+            }, decode_latent_sample if latent else decode_sample),
+            # K aligned patch pairs per volume, cropped/padded/augmented (latent shards: K of the encoded ones)
+            _SampleLatentPatches(self.state, data_cfg.patches_per_volume) if latent else _SamplePatches(
+                self.state, data_cfg),
             _ShufflePatches(self.state, data_cfg.shuffle_buffer),  # mix patches of different volumes
-            wds.batched(  # batch: stack and map HU -> [-1, 1]
-                data_cfg.batch_size, collation_fn=_Collate(data_cfg.hu_min, data_cfg.hu_max), partial=not resampled
+            wds.batched(  # batch: stack (pixels: and map HU -> [-1, 1])
+                data_cfg.batch_size, partial=not resampled,
+                collation_fn=collate_latents if latent else _Collate(data_cfg.hu_min, data_cfg.hu_max),
             ),
         )
 
@@ -393,6 +416,7 @@ def make_patch_loader(
     resampled: bool = True,
     num_workers: int | None = None,
     epoch: int = 0,
+    latent: bool = False,
 ) -> PatchLoader:
     """Loader of aligned patch-pair batches for one rank; do not pass it through `accelerator.prepare`.
 
@@ -405,6 +429,8 @@ def make_patch_loader(
             False = each shard once, disjoint over ranks and workers (validation).
         num_workers: DataLoader workers for this rank; None = `data_cfg.num_workers`.
         epoch: folded into every seed; the trainer passes the resume step so a resumed run draws fresh data.
+        latent: `urls` are latent shards (`ctld-shards encode`); batches are then {"z_thin", "z_prior", "key"},
+            (B, C, depth_thick * factor, P/f, P/f) float32 latents, with the same rank/worker split and seeds.
 
     Returns:
         An iterable of {"thick": float32 (B, 1, depth_thick, P, P) in [-1, 1], "thin": float32
@@ -429,7 +455,7 @@ def make_patch_loader(
                 len(urls),
             )
     dataset = _PatchPipeline(
-        urls, data_cfg, rank=rank, world_size=world_size, seed=seed, resampled=resampled, epoch=epoch
+        urls, data_cfg, rank=rank, world_size=world_size, seed=seed, resampled=resampled, epoch=epoch, latent=latent
     )
     loader = PatchLoader(
         dataset,

@@ -34,8 +34,8 @@ def encode_sample(key: str, thin_hu: np.ndarray, thick_hu: np.ndarray, info: dic
     """A sample as webdataset's ShardWriter writes it: {"__key__", "thin.npy", "thick.npy", "json"} (bytes)."""
     return {
         "__key__": key,
-        "thin.npy": _npy_bytes(thin_hu.astype(np.int16, copy=False)),
-        "thick.npy": _npy_bytes(thick_hu.astype(np.int16, copy=False)),
+        "thin.npy": npy_bytes(thin_hu.astype(np.int16, copy=False)),
+        "thick.npy": npy_bytes(thick_hu.astype(np.int16, copy=False)),
         "json": json.dumps({**info, "format_version": FORMAT_VERSION}, sort_keys=True).encode(),
     }
 
@@ -54,7 +54,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         factor, offset = int(meta["factor"]), int(meta["offset"])
     except (KeyError, TypeError, ValueError) as exn:
         raise ValueError(f"json needs integer 'factor' and 'offset' (format {FORMAT_VERSION}): {exn!r}") from exn
-    thin, thick = _npy_view(raw["thin.npy"], "thin.npy"), _npy_view(raw["thick.npy"], "thick.npy")
+    thin, thick = npy_view(raw["thin.npy"], "thin.npy"), npy_view(raw["thick.npy"], "thick.npy")
     if thin.shape[1:] != thick.shape[1:]:
         raise ValueError(f"thin {thin.shape} and thick {thick.shape} differ in-plane")
     for name, array in (("thin", thin), ("thick", thick)):
@@ -170,22 +170,24 @@ def manifest_training_grid(shards_dir: str | Path) -> dict[str, float]:
     return grid
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
     return buffer.getvalue()
 
 
-def _npy_view(data: bytes, name: str) -> np.ndarray:
-    """An int16 (D, H, W) array over the bytes of a .npy file, without copying (np.load would copy)."""
+def npy_view(data: bytes, name: str, dtypes: tuple = (np.int16,), ndim: int = 3) -> np.ndarray:
+    """An array over the bytes of a .npy file, without copying (np.load would copy): int16 (D, H, W) HU by default;
+    latent shards (ctld/data/latent_shards.py) read float arrays of another rank through it too."""
     header = io.BytesIO(data)
     version = np.lib.format.read_magic(header)
     read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     if version not in read_header:
         raise ValueError(f"{name} is .npy format {version}; expected 1.0 or 2.0 (numpy.save writes those)")
     shape, fortran_order, dtype = read_header[version](header)
-    if dtype != np.int16 or len(shape) != 3:
-        raise ValueError(f"{name} must be int16 (D, H, W) HU (format_version {FORMAT_VERSION}), got {dtype} {shape}")
+    if dtype not in [np.dtype(d) for d in dtypes] or len(shape) != ndim:
+        wanted = " or ".join(np.dtype(d).name for d in dtypes)
+        raise ValueError(f"{name} must be a {ndim}-d {wanted} array, got {dtype} {shape}")
     count = math.prod(shape)
     if len(data) - header.tell() < count * dtype.itemsize:
         raise ValueError(f"{name} is truncated: {len(data) - header.tell()} bytes for shape {shape}")

@@ -9,13 +9,13 @@ class TrainStream:
     """The trainer's batches for one rank: a resampled patch loader reopened, keyed by the step, at every
     checkpoint and when a pass ends, so a run resumed from step N sees what an uninterrupted run sees after N."""
 
-    def __init__(self, urls: list[str], cfg, accelerator):
+    def __init__(self, urls: list[str], cfg, accelerator, latent: bool = False):
         if not urls:
             raise ValueError(
                 f"no training shards found (data.shards_dir={cfg.data.shards_dir!r}, data.train_urls="
                 f"{cfg.data.train_urls!r}); build them with `ctld-shards build`"
             )
-        self.urls, self.cfg, self.accelerator = urls, cfg, accelerator
+        self.urls, self.cfg, self.accelerator, self.latent = urls, cfg, accelerator, latent
         self._iterator = None
         self._opened_at = -1
 
@@ -30,6 +30,7 @@ class TrainStream:
             seed=self.cfg.train.seed,  # combined with data.seed inside the loader
             resampled=True,
             epoch=step,
+            latent=self.latent,
         )
         self._iterator, self._opened_at = iter(loader), step
 

@@ -1,0 +1,206 @@
+"""`ctld-shards encode`: pixel shards -> latent shards for the diffusion stage (format: ctld/data/latent_shards.py).
+
+    ctld-shards encode --vae runs/vae1/export shards --out latent_shards --config configs/base.yaml \
+        --patches_per_volume 16 --batch_size 8
+
+Every volume of the chosen splits is cut into `--patches_per_volume` patch pairs exactly as the pixel loader cuts
+them (data.depth_thick, data.patch_size, data.min_foreground_fraction, data.small_volume, data.augment), and both
+sides are encoded once by the frozen VAE (posterior mode; the prior from diffusion.prior), batched, on the GPU when
+there is one (bf16 where the trainer would use it, else fp32). Crops and symmetries are drawn from a generator
+seeded by (--seed, the sample key), so a rerun writes the same patches. One latent shard per pixel shard, written
+under a temporary name and renamed; manifest.json is rewritten atomically after each shard, so an interrupted
+encode resumes where it stopped when run again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from ctld.baselines import SlabFilter
+from ctld.config import Config
+from ctld.data.latent_shards import DTYPES, FORMAT_VERSION, KIND, encode_latent_sample, read_latent_manifest
+from ctld.data.patches import sample_patch_pairs
+from ctld.data.shard_writer import atomic_json, sha256_of
+from ctld.data.shards import MANIFEST, decode_sample, manifest_shards, read_manifest
+from ctld.data.tar_reader import iter_raw_samples
+from ctld.data.transforms import hu_to_model
+from ctld.diffusion import ResidualSpec, encode_pair
+from ctld.export import vae_hash
+from ctld.frozen_vae import load_frozen_vae
+
+logger = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+
+
+def encode_settings(cfg: Config, *, patches_per_volume: int, seed: int, dtype: str, precision: str) -> dict[str, Any]:
+    """What the latent patches depend on besides the VAE; a resumed encode must match them exactly."""
+    data = cfg.data
+    return {
+        "factor": data.factor, "depth_thick": data.depth_thick, "patch_size": data.patch_size,
+        "hu_min": data.hu_min, "hu_max": data.hu_max, "augment": data.augment,
+        "min_foreground_fraction": data.min_foreground_fraction, "small_volume": data.small_volume,
+        "prior": cfg.diffusion.prior, "slab_taps": cfg.diffusion.slab_taps,
+        "slab_fit_volumes": cfg.diffusion.slab_fit_volumes,
+        "patches_per_volume": patches_per_volume, "seed": seed, "dtype": dtype, "precision": precision,
+    }
+
+
+def encode(shards_dir: Path, vae_export: Path, out_dir: Path, cfg: Config, *, patches_per_volume: int = 16,
+           batch_size: int = 8, splits: tuple[str, ...] = ("train",), dtype: str = "float32", seed: int = 0,
+           overwrite: bool = False, device: str | None = None) -> dict[str, Any]:
+    """Encode the `splits` of `shards_dir` into `out_dir`; returns the written manifest. ValueError /
+    FileNotFoundError with what to do on a mismatch."""
+    if patches_per_volume < 1 or batch_size < 1:
+        raise ValueError(f"--patches_per_volume ({patches_per_volume}) and --batch_size ({batch_size}) must be >= 1")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    source = read_manifest(shards_dir)
+    if "factor" in source and source["factor"] != cfg.data.factor:
+        raise ValueError(f"{shards_dir / MANIFEST} was built with factor {source['factor']} but data.factor is "
+                         f"{cfg.data.factor}; pass --data.factor={source['factor']}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    precision = "bf16" if bf16 else "fp32"  # what the trainer's frozen VAE runs in (train.mixed_precision=auto)
+    vae = load_frozen_vae(str(vae_export), cfg.data, device, torch.bfloat16 if bf16 else torch.float32)
+    settings = encode_settings(cfg, patches_per_volume=patches_per_volume, seed=seed, dtype=dtype,
+                               precision=precision)
+    shards = [(split, path) for split in splits for path in manifest_shards(shards_dir, split, source)]
+    if not shards:
+        raise ValueError(f"{shards_dir / MANIFEST} lists no shards of the splits {list(splits)}")
+    manifest = _start_or_resume(out_dir, vae_export, settings, splits, overwrite,
+                                fit_slab_filter=lambda: _fit_slab_filter(cfg, shards_dir))
+    spec = ResidualSpec(prior=cfg.diffusion.prior, factor=cfg.data.factor, residual_scale=1.0,
+                        strength=cfg.diffusion.strength, num_train_timesteps=cfg.diffusion.num_train_timesteps,
+                        slab_filter=SlabFilter.from_json(manifest["slab_filter"]))
+    done = {entry["name"] for entry in manifest["shards"]}
+    start = time.perf_counter()
+    for split, path in shards:
+        name = Path(path).name
+        if name in done:
+            continue
+        record = _encode_shard(Path(path), out_dir, split, vae, spec, cfg, settings, batch_size, device)
+        manifest["shards"].append(record)
+        manifest["encode_seconds"] = round(manifest.get("encode_seconds", 0.0) + record["seconds"], 1)
+        atomic_json(out_dir / MANIFEST, manifest)  # after the rename: a listed shard is complete
+        logger.info("encoded %s: %d samples, %d patches in %.1f s", name, record["samples"], record["patches"],
+                    record["seconds"])
+    manifest["status"] = "complete"
+    manifest["totals"] = {key: sum(entry[key] for entry in manifest["shards"])
+                          for key in ("samples", "patches", "skipped", "bytes")}
+    atomic_json(out_dir / MANIFEST, manifest)
+    totals = manifest["totals"]
+    logger.info("latent shards in %s: %d shards, %d samples, %d patches, %d skipped; %.1f s this run",
+                out_dir, len(manifest["shards"]), totals["samples"], totals["patches"], totals["skipped"],
+                time.perf_counter() - start)
+    return manifest
+
+
+def _fit_slab_filter(cfg: Config, shards_dir: Path) -> dict[str, Any]:
+    """The slab filter the trainer would fit on these shards (ctld.calibration), as JSON."""
+    from accelerate import PartialState
+
+    from ctld.calibration import fit_slab_filter_on_shards
+
+    PartialState()  # the fit logs through accelerate's logger, which needs its state
+    data = dataclasses.replace(cfg.data, shards_dir=str(shards_dir), train_urls="")
+    return fit_slab_filter_on_shards(dataclasses.replace(cfg, data=data)).to_json()
+
+
+def _start_or_resume(out_dir: Path, vae_export: Path, settings: dict, splits, overwrite: bool,
+                     fit_slab_filter: Callable[[], dict]) -> dict[str, Any]:
+    """The manifest to continue: the one in `out_dir` when it was started with the same VAE and settings, else a
+    new one (an `out_dir` holding anything else is refused without --overwrite)."""
+    vae_sha256 = vae_hash(vae_export)
+    if (out_dir / MANIFEST).is_file() and not overwrite:
+        old = read_latent_manifest(out_dir)
+        same = old.get("vae_sha256") == vae_sha256 and old.get("settings") == settings and old.get(
+            "splits") == list(splits)
+        if not same:
+            raise ValueError(f"{out_dir} holds latent shards encoded with another VAE or settings; pass --overwrite "
+                             "to replace them, or another --out")
+        listed = [entry for entry in old["shards"] if (out_dir / entry["name"]).is_file()]
+        logger.info("resuming the encode in %s: %d shards done", out_dir, len(listed))
+        return {**old, "shards": listed, "status": "incomplete"}
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"{out_dir} is not empty and holds no latent manifest; pass --overwrite or another --out")
+    fresh = {"kind": KIND, "format_version": FORMAT_VERSION, "status": "incomplete", "vae_export": str(vae_export),
+             "vae_sha256": vae_sha256, "settings": settings, "splits": list(splits), "shards": [],
+             "slab_filter": fit_slab_filter()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for stale in list(out_dir.glob("*.tar")) + list(out_dir.glob(f"{TMP_PREFIX}*")):
+            stale.unlink()
+    atomic_json(out_dir / MANIFEST, fresh)
+    return fresh
+
+
+def _encode_shard(path: Path, out_dir: Path, split: str, vae, spec: ResidualSpec, cfg: Config, settings: dict,
+                  batch_size: int, device: torch.device) -> dict[str, Any]:
+    start = time.perf_counter()
+    tmp = out_dir / f"{TMP_PREFIX}{path.name}"
+    samples = patches = skipped = 0
+    with open(tmp, "wb") as stream:
+        writer = wds.TarWriter(stream, mtime=0.0)
+        for raw in iter_raw_samples(str(path)):
+            where = f"sample {raw.get('__key__')!r} in {path}"
+            try:
+                sample = decode_sample(raw)
+            except ValueError as error:
+                skipped += 1
+                logger.warning("skipping %s: %s", where, error)
+                continue
+            encoded = _encode_sample(sample, vae, spec, cfg, settings, batch_size, device)
+            if encoded is None:
+                skipped += 1
+                logger.warning("skipping %s: it holds no whole %dx%dx%d patch (data.small_volume=%s)", where,
+                               cfg.data.depth_thick, cfg.data.patch_size, cfg.data.patch_size, cfg.data.small_volume)
+                continue
+            z_thin, z_prior = encoded
+            info = {"factor": sample["factor"], "thick_source": sample["meta"].get("thick_source", "real")}
+            writer.write(encode_latent_sample(sample["__key__"], z_thin, z_prior, info))
+            samples += 1
+            patches += z_thin.shape[0]
+        writer.close()
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, out_dir / path.name)
+    final = out_dir / path.name
+    return {"name": path.name, "split": split, "samples": samples, "patches": patches, "skipped": skipped,
+            "bytes": final.stat().st_size, "sha256": sha256_of(final), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _encode_sample(sample: dict, vae, spec: ResidualSpec, cfg: Config, settings: dict, batch_size: int,
+                   device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
+    """(z_thin, z_prior) (N, C, D, h, w) of the sample's patches, or None when the volume holds no patch."""
+    data = cfg.data
+    key_hash = int.from_bytes(hashlib.sha256(sample["__key__"].encode()).digest()[:8], "little")
+    rng = np.random.default_rng([settings["seed"], key_hash])
+    pairs = sample_patch_pairs(
+        sample["thick"], sample["thin"], factor=sample["factor"], offset=sample["offset"], rng=rng,
+        depth_thick=data.depth_thick, patch_size=data.patch_size, count=settings["patches_per_volume"],
+        augment=data.augment, min_foreground_fraction=data.min_foreground_fraction, small_volume=data.small_volume,
+    )
+    if pairs is None:
+        return None
+    out_dtype = DTYPES[settings["dtype"]]
+    thin_latents, prior_latents = [], []
+    for first in range(0, len(pairs), batch_size):
+        chunk = pairs[first:first + batch_size]
+        thick = torch.from_numpy(hu_to_model(np.stack([p[0] for p in chunk]), data.hu_min, data.hu_max)).unsqueeze(1)
+        thin = torch.from_numpy(hu_to_model(np.stack([p[1] for p in chunk]), data.hu_min, data.hu_max)).unsqueeze(1)
+        target, prior = encode_pair(vae, spec, thick.to(device), thin.to(device))
+        thin_latents.append(target.cpu().numpy().astype(out_dtype))
+        prior_latents.append(prior.cpu().numpy().astype(out_dtype))
+    return np.concatenate(thin_latents), np.concatenate(prior_latents)

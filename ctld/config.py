@@ -172,6 +172,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
     steps_per_launch: int = 0  # stop with a checkpoint after this many steps in one launch (schedule kept); 0 = off
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto = bf16 on a bf16 GPU, fp32 on CPU
+    # GPU step options (benchmarks/bench_train.py measures them): torch.compile of the trained model (inductor;
+    # minutes of compilation at start), channels_last_3d weights for the convolutions, and per-phase step timing
+    # (syncs the device at each phase boundary: for benchmarks, logged as time/<phase>_ms).
+    compile: bool = False
+    channels_last: bool = False
+    time_phases: bool = False
     val_batches: int = 2  # validation batches per rank (fixed seed: the same patches every validation)
     scale_batches: int = 8  # VAE export: batches to set scaling_factor = 1/std(latents); 0 = keep vae.scaling_factor
 

@@ -4,6 +4,7 @@ the run folder's config.yaml), a few status lines at start, and the meter of the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import subprocess
@@ -88,10 +89,16 @@ def log_run_start(info: dict) -> None:
 
 
 class LogMeter:
-    """Scalars accumulated between two log steps (on device; `.item()` only when logging)."""
+    """Scalars accumulated between two log steps (on device; `.item()` only when logging).
 
-    def __init__(self, device: torch.device):
+    With `time_phases` (train.time_phases) it also splits the step's wall time into phases (`with meter.phase(
+    "backward"): ...`), logged as time/<phase>_ms per micro-batch. The device is synchronised at each boundary so
+    queued GPU work is charged to the phase that queued it: a benchmark setting, it costs throughput."""
+
+    def __init__(self, device: torch.device, time_phases: bool = False):
         self.device = device
+        self.time_phases = time_phases
+        self.phase_seconds: dict[str, float] = {}
         self.loss_sum = torch.zeros((), device=device)
         self.loss_count = 0
         self.grad_norm_sum = torch.zeros((), device=device)
@@ -101,6 +108,23 @@ class LogMeter:
         self.start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if not self.time_phases:
+            yield
+            return
+        self._synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._synchronize()
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss.float()
@@ -125,6 +149,10 @@ class LogMeter:
         }
         if self.grad_norm_count:
             scalars["train/grad_norm"] = grad_norm
+        if self.time_phases:
+            scalars["time/data_ms"] = 1e3 * self.data_seconds / max(self.micro_batches, 1)
+            for name, seconds in self.phase_seconds.items():
+                scalars[f"time/{name}_ms"] = 1e3 * seconds / max(self.micro_batches, 1)
         if torch.cuda.is_available():
             scalars["sys/gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return scalars

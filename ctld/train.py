@@ -106,6 +106,8 @@ def train(cfg: Config) -> None:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         kwargs_handlers=process_group_kwargs(),
+        # Compiled inside `prepare` (after the DDP wrap); unwrap_model and the export see the original module.
+        dynamo_backend="inductor" if cfg.train.compile else None,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(cfg.train.seed, device_specific=True)  # device_specific: each rank draws different noise
@@ -119,6 +121,8 @@ def train(cfg: Config) -> None:
 
     # The model being trained goes through `prepare`; the frozen VAE (diffusion stage) does not.
     model, frozen_vae, noise_scheduler, sampler, spec, ema = _build_models(cfg, device, accelerator.mixed_precision)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)  # convs then run NDHWC kernels on the GPU
     optimizer, lr_scheduler = optimizer_and_lr_scheduler(accelerator, model, cfg)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     model_dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed bf16: inputs are cast to it
@@ -173,7 +177,7 @@ def train(cfg: Config) -> None:
         val_urls = []
 
     nonfinite_in_row = 0
-    meter = LogMeter(device)
+    meter = LogMeter(device, cfg.train.time_phases)
     progress = tqdm(total=last_step, initial=step, desc=f"{stage} steps", disable=not accelerator.is_local_main_process)
     model.train()
     accumulation_bad = False  # a non-finite loss in this accumulation window: drop the whole optimizer step
@@ -188,9 +192,10 @@ def train(cfg: Config) -> None:
 
         with accelerator.accumulate(model):
             if stage == "vae":
-                loss = _vae_loss(model, batch, cfg, micro_step, accelerator.process_index, model_dtype, device)
+                with meter.phase("forward"):
+                    loss = _vae_loss(model, batch, cfg, micro_step, accelerator.process_index, model_dtype, device)
             else:
-                loss = _unet_loss(model, frozen_vae, noise_scheduler, spec, batch, cfg, device)
+                loss = _unet_loss(model, frozen_vae, noise_scheduler, spec, batch, cfg, device, meter)
             if faults.nonfinite_planted(micro_step, accelerator.process_index):
                 loss = loss * float("nan")
             faults.kill_if_planted("step", step + 1, accelerator.process_index)
@@ -202,7 +207,8 @@ def train(cfg: Config) -> None:
             )
             finite = bool(flags[0].item() == 0)  # note: a CPU-GPU sync point
             if finite:
-                accelerator.backward(loss)
+                with meter.phase("backward"):
+                    accelerator.backward(loss)
                 meter.add_loss(loss.detach())
             elif deepspeed_accumulates:
                 # DeepSpeed steps inside `backward` at the window's last micro-batch: skipping one backward either
@@ -222,11 +228,12 @@ def train(cfg: Config) -> None:
                     # in another order). The window's gradients are dropped below.
                     accelerator.backward(sum(p.sum() for p in model.parameters()) * 0.0)
             grad_norm = None
-            if accelerator.sync_gradients and not accumulation_bad:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            with meter.phase("optimizer"):
+                if accelerator.sync_gradients and not accumulation_bad:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
         micro_step += 1
         meter.micro_batches += 1
         if not accelerator.sync_gradients:
@@ -251,7 +258,8 @@ def train(cfg: Config) -> None:
             step += 1
             progress.update(1)
             if ema is not None:
-                ema.step(accelerator.unwrap_model(model).parameters())
+                with meter.phase("ema"):
+                    ema.step(accelerator.unwrap_model(model).parameters())
             if grad_norm is not None:
                 meter.add_grad_norm(grad_norm)
 
@@ -263,7 +271,7 @@ def train(cfg: Config) -> None:
             logger.info(f"step {step}/{cfg.train.max_steps} loss {scalars['train/loss']:.4g} lr {scalars['lr']:.3g} "
                         f"{scalars['train/samples_per_s']:.2f} samples/s, data wait "
                         f"{scalars['train/data_wait_fraction']:.0%}")
-            meter = LogMeter(device)
+            meter = LogMeter(device, cfg.train.time_phases)
 
         val_due = stepped and step % cfg.train.val_every == 0
         images_due = stepped and step % cfg.train.image_every == 0
@@ -346,17 +354,20 @@ def _vae_loss(vae, batch, cfg: Config, micro_step: int, rank: int, dtype, device
     return reconstruction_loss + cfg.train.kl_weight * kl
 
 
-def _unet_loss(unet, vae, noise_scheduler, spec: ResidualSpec, batch, cfg: Config, device) -> torch.Tensor:
+def _unet_loss(unet, vae, noise_scheduler, spec: ResidualSpec, batch, cfg: Config, device, meter: LogMeter
+               ) -> torch.Tensor:
     """The residual objective (ctld.diffusion): on latent-shard batches directly, on pixel batches after the frozen
     VAE encodes them (outside autograd)."""
     if "z_thin" in batch:
         target, prior = batch["z_thin"].to(device, non_blocking=True), batch["z_prior"].to(device, non_blocking=True)
     else:
-        target, prior = encode_pair(vae, spec, batch["thick"].to(device, non_blocking=True),
-                                    batch["thin"].to(device, non_blocking=True))
-    return spec_residual_loss(unet, noise_scheduler, spec, target, prior,
-                              regression_fraction=cfg.diffusion.regression_fraction,
-                              min_snr_gamma=cfg.diffusion.min_snr_gamma)
+        with meter.phase("vae_encode"):
+            target, prior = encode_pair(vae, spec, batch["thick"].to(device, non_blocking=True),
+                                        batch["thin"].to(device, non_blocking=True))
+    with meter.phase("forward"):
+        return spec_residual_loss(unet, noise_scheduler, spec, target, prior,
+                                  regression_fraction=cfg.diffusion.regression_fraction,
+                                  min_snr_gamma=cfg.diffusion.min_snr_gamma)
 
 
 def latent_train_urls(cfg: Config) -> list[str]:

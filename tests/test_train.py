@@ -266,6 +266,38 @@ def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path, data_overrides, 
     assert a.step == b.step == 6 and a.value == pytest.approx(b.value, abs=1e-6)
 
 
+def test_step_phase_timing_and_channels_last(tmp_path, data_overrides, vae_export):
+    """train.time_phases splits the step into the phases bench_train.py reports; channels_last weights train the
+    same model (fp32 on CPU: the same loss as the default layout within float tolerance)."""
+    common = [*data_overrides, *_stage_overrides("diffusion", vae_export), f"--train.output_dir={tmp_path}",
+              "--train.max_steps=3", "--train.val_every=100", "--train.image_every=100",
+              "--train.checkpoint_every=100"]
+    _train_single([*common, "--train.run_name=timed", "--train.time_phases=true", "--train.channels_last=true"],
+                  tmp_path / "timed.txt")
+    _train_single([*common, "--train.run_name=plain"], tmp_path / "plain.txt")
+    timed, plain = _tensorboard(tmp_path / "timed"), _tensorboard(tmp_path / "plain")
+    phases = {"time/data_ms", "time/vae_encode_ms", "time/forward_ms", "time/backward_ms", "time/optimizer_ms",
+              "time/ema_ms"}
+    assert phases <= set(timed.Tags()["scalars"]) and not phases & set(plain.Tags()["scalars"])
+    assert all(timed.Scalars(tag)[-1].value > 0 for tag in phases)
+    np.testing.assert_allclose([e.value for e in timed.Scalars("train/loss")],
+                               [e.value for e in plain.Scalars("train/loss")], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_and_exports_plain_weights(tmp_path, data_overrides, vae_export):
+    """train.compile=true (inductor; minutes of compilation on CPU): the checkpoint and export hold the module's own
+    parameter names, so a run resumes or exports the same with compile on or off."""
+    _train_single([*data_overrides, *_stage_overrides("diffusion", vae_export), f"--train.output_dir={tmp_path}",
+                   "--train.run_name=compiled", "--train.compile=true", "--train.max_steps=2",
+                   "--train.val_every=100", "--train.image_every=100"], tmp_path / "compiled.txt")
+    checkpoint = load_file(str(list_checkpoints(tmp_path / "compiled")[-1][1] / "model.safetensors"))
+    assert checkpoint and not any(key.startswith("_orig_mod") for key in checkpoint)
+    from ctld.export import load_export
+
+    assert load_export(tmp_path / "compiled" / "export").unet is not None
+
+
 def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path, data_overrides):
     """SIGTERM to ONE of two DDP ranks: both stop at the same step, save a complete checkpoint together and exit
     143 ("preempted"); launch/multinode.sh, what every PyTorchJob pod runs, exits 143 too (torchrun alone exits 1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -221,3 +222,18 @@ def test_two_process_training_on_latent_shards_follows_the_pixel_run(latent_dir,
     assert latent_meta["slab_filter"] == pixel_meta["slab_filter"]
     np.testing.assert_allclose(latent_meta["residual"]["residual_scale"], pixel_meta["residual"]["residual_scale"],
                                rtol=1e-5)
+
+
+def test_a_damaged_pixel_shard_keeps_its_complete_samples_and_the_encode_goes_on(one_patch_shards, vae_export,
+                                                                                   tmp_path, caplog):
+    shards = tmp_path / "shards"
+    shutil.copytree(one_patch_shards, shards)
+    damaged = shards / "train-000000.tar"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size * 2 // 3])  # the second sample cut off
+    with caplog.at_level("WARNING"):
+        assert _encode(shards, vae_export, tmp_path / "latent", "--patches_per_volume=1") == 0
+    assert "train-000000.tar is damaged after 1 samples" in caplog.text
+    manifest = read_latent_manifest(tmp_path / "latent")
+    counts = {entry["name"]: entry["samples"] for entry in manifest["shards"]}
+    assert counts["train-000000.tar"] == 1 and manifest["status"] == "complete"
+    assert sum(counts.values()) == manifest["totals"]["samples"] == 4

@@ -153,7 +153,7 @@ def _encode_shard(path: Path, out_dir: Path, split: str, vae, spec: ResidualSpec
     samples = patches = skipped = 0
     with open(tmp, "wb") as stream:
         writer = wds.TarWriter(stream, mtime=0.0)
-        for raw in iter_raw_samples(str(path)):
+        for raw in _readable_samples(path):
             where = f"sample {raw.get('__key__')!r} in {path}"
             try:
                 sample = decode_sample(raw)
@@ -179,6 +179,19 @@ def _encode_shard(path: Path, out_dir: Path, split: str, vae, spec: ResidualSpec
     final = out_dir / path.name
     return {"name": path.name, "split": split, "samples": samples, "patches": patches, "skipped": skipped,
             "bytes": final.stat().st_size, "sha256": sha256_of(final), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _readable_samples(path: Path):
+    """The shard's raw samples; a damaged shard (truncated, corrupt) is reported and its complete samples before
+    the damage are kept, as the loader does, so one bad shard does not end a long encode."""
+    yielded = 0
+    try:
+        for raw in iter_raw_samples(str(path)):
+            yielded += 1
+            yield raw
+    except Exception as error:  # noqa: BLE001 - any read failure of one shard is reported, not fatal
+        logger.warning("shard %s is damaged after %d samples (%r): keeping those; `ctld-shards verify` names what "
+                       "to rebuild", path, yielded, error)
 
 
 def _encode_sample(sample: dict, vae, spec: ResidualSpec, cfg: Config, settings: dict, batch_size: int,

@@ -79,15 +79,28 @@ _STAGE_SHARDS, _STAGE_PATCHES, _STAGE_SHUFFLE, _STAGE_MIX = 1, 2, 3, 4
 def iter_covered_pairs(urls: list[str], factor: int, max_samples: int = 0):
     """(key, thick, thin) of each sample of `urls`, in order, cut to the thick slices whose whole thin slab exists
     (`covered_pair`: thin row k*factor + i is phase i of thick slice k). For whole-volume statistics such as the
-    slab filter fit; a sample of another factor is an error (the shards do not fit the model)."""
-    for seen, sample in enumerate(iter_samples(urls), start=1):
-        if sample["factor"] != factor:
-            raise ValueError(f"sample {sample['__key__']!r} in {sample['__url__']} has factor {sample['factor']}, "
-                             f"the model {factor}")
-        thick, thin = covered_pair(sample["thick"], sample["thin"], factor=factor, offset=sample["offset"])
-        yield sample["__key__"], thick, thin
-        if max_samples and seen >= max_samples:
-            return
+    slab filter fit; a sample of another factor is an error (the shards do not fit the model), a damaged shard is
+    warned about by name and the rest of it skipped (as the training stream does)."""
+    seen = 0
+    for url in urls:
+        try:
+            for sample in iter_samples([url]):
+                if sample["factor"] != factor:
+                    raise _FactorMismatch(f"sample {sample['__key__']!r} in {sample['__url__']} has factor "
+                                          f"{sample['factor']}, the model {factor}")
+                thick, thin = covered_pair(sample["thick"], sample["thin"], factor=factor, offset=sample["offset"])
+                yield sample["__key__"], thick, thin
+                seen += 1
+                if max_samples and seen >= max_samples:
+                    return
+        except _FactorMismatch as error:
+            raise ValueError(str(error)) from None
+        except Exception as error:  # noqa: BLE001 - any read failure of one shard is reported, not fatal
+            logger.warning("skipping the rest of shard %s: %r", url, error)
+
+
+class _FactorMismatch(Exception):
+    """A sample of another factor: an error of the whole shard set, not of one shard."""
 
 
 def collate_patches(patches: list[dict[str, Any]], *, hu_min: float, hu_max: float) -> dict[str, Any]:

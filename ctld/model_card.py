@@ -126,8 +126,10 @@ def _data_lines(data: dict[str, Any] | None) -> list[str]:
         f"- pixel spacing (rows, columns): {_range(data.get('pixel_spacing_y_mm'), 'mm')}, "
         f"{_range(data.get('pixel_spacing_x_mm'), 'mm')}"
         + (f" (resampled in-plane to {resampled} mm)" if resampled else " (as scanned)"),
-        f"- HU per series: {hu}",
-        f"- series skipped while building the shards: {data.get('series_skipped')} {data.get('skipped_reasons') or ''}",
+        f"- HU per thick (input) series: {hu}",
+        f"- series skipped while building the shards: {data.get('series_skipped')}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in data['skipped_reasons'].items())})"
+           if data.get("skipped_reasons") else ""),
     ]
     return lines
 
@@ -192,7 +194,7 @@ def render(card: dict[str, Any]) -> str:
         lines += ["## Evaluations (`ctld-eval --add_to_card`)", ""]
         for name, entry in evaluations.items():
             sources = ", ".join(f"{kind} {count}" for kind, count in entry["thick_source"].items())
-            lines += [f"### {name}", "", f"{entry['cases']} case(s) ({sources} thick input), "
+            lines += [f"### {name}", "", f"{entry['cases']} case(s) (thick input: {sources}), "
                       f"{entry['scored_thin_slices']} thin slices scored; {entry.get('settings_line', '')}", "",
                       *score_table(entry["mean"]), ""]
     provenance = card.get("provenance", {})

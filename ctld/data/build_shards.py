@@ -166,7 +166,7 @@ def _write_manifest(builder: Builder, shards, records, archive_skips, out_dir: P
             "pixel_spacing_y_mm": _stats([s["thin_spacing_mm"][1] for s in samples]),
             "pixel_spacing_x_mm": _stats([s["thin_spacing_mm"][2] for s in samples]),
         },
-        # Percentiles of each thin series' HU (ctld.data.domain.hu_percentiles), summarised over series; absent
+        # Percentiles of each thick series' HU (ctld.data.domain.hu_percentiles), summarised over series; absent
         # from records of shards built before they were recorded.
         "hu": {key: _stats([s[f"hu_{key}"] for s in samples if f"hu_{key}" in s]) for key in ("p1", "p99")},
         "series_total": total,

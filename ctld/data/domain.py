@@ -63,8 +63,8 @@ def training_domain(manifest: dict[str, Any], *, hu_window: tuple[float, float])
     """ctld.json's `domain`: the ranges the training shards cover (from `ctld.data.shards.read_manifest`).
 
     Returns {"thin_spacing_mm": {min, median, max}, "pixel_spacing_mm": {min, median, max} (of the grid the model
-    saw, after any in-plane resampling), "hu_p1" / "hu_p99": {min, median, max} over series (shards built before
-    ctld recorded them lack these), "hu_window": [lo, hi]}.
+    saw, after any in-plane resampling), "hu_p1" / "hu_p99": {min, median, max} over the thick series the model
+    took as input (shards built before ctld recorded them lack these), "hu_window": [lo, hi]}.
     """
     geometry = manifest.get("geometry", {})
     pixel = [geometry.get(f"pixel_spacing_{axis}_mm", {}) for axis in ("y", "x")]
@@ -159,10 +159,11 @@ def input_differences(hu: np.ndarray, spacing_mm, meta: dict[str, Any], *,
             lo, hi = (float(np.clip(seen[k], low_hu, high_hu)) for k in ("min", "max"))
             off = _outside(value, lo, hi)
             if off > HU_WARN_HU:
+                refuse = off > HU_REFUSE_HU
                 found.append(Difference("hu", (
-                    f"{name} HU percentile {value:.0f} is outside the trained series' {lo:.0f} to {hi:.0f} HU by "
-                    f"{off:.0f} HU (refused beyond {HU_REFUSE_HU:.0f}: not CT HU, e.g. a rescale not applied, or "
-                    f"another modality?)"), off > HU_REFUSE_HU))
+                    f"{name} HU percentile {value:.0f} is {off:.0f} HU outside the training series' {lo:.0f} to "
+                    f"{hi:.0f} HU" + (" (not CT HU? a rescale not applied, or another modality)" if refuse else
+                                      f" (refused beyond {HU_REFUSE_HU:.0f} HU)")), refuse))
     return found
 
 

@@ -161,8 +161,9 @@ class _ShardSink:
         sample = result["sample"]
         self.writer.write(sample)
         info = json.loads(sample["json"])
-        # The manifest's HU ranges (ctld.data.domain): percentiles of the thin side, from the encoded bytes.
-        hu_p1, hu_p99 = hu_percentiles(decode_sample(sample)["thin"])
+        # The manifest's HU ranges (ctld.data.domain): percentiles of the thick side, the model's input (slab
+        # averages have narrower tails than thin slices, so a thick input is compared with thick series).
+        hu_p1, hu_p99 = hu_percentiles(decode_sample(sample)["thick"])
         self.samples.append(
             {
                 "key": sample["__key__"],

@@ -416,6 +416,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return build_config(raw)
 
 
+def keys_set_in(path: str | Path, section: str) -> set[str]:
+    """The keys of `section` that a YAML config (with its `base:` chain) sets, as opposed to dataclass defaults:
+    `ctld-infer --config` overrides an export's recorded inference settings with these only."""
+    values = _read_yaml_chain(Path(path)).get(section)
+    return set(values) if isinstance(values, dict) else set()
+
+
 REDACTED = "<redacted>"  # shards.salt as written out: it keys the patient hashes, so it never leaves the config
 
 

@@ -6,6 +6,7 @@
     ctld-eval --method cubic --factor 5 thin_ct/ --out check/      # a baseline through the windowed engine
     ctld-eval --checkpoint runs/ctld/export --method prior thin_ct/ --out prior/   # the prior an untrained model gives
     ctld-eval --checkpoint runs/ctld/export --adapt 200 thin_ct/ --out adapted/  # base vs adapted to each case
+    ctld-eval --checkpoint runs/ctld/export shards/ --out report/ --add_to_card "test split"  # into the model card
 
 DATA may be thin series (DICOM folders/ZIPs, NIfTI files): the thick input is simulated with
 `ctld.data.transforms.simulate_thick` (the slice profile the export was trained with, `--thick_profile`; box =
@@ -39,13 +40,17 @@ import numpy as np
 
 from ctld.baselines import METHODS, SlabFilter, interpolate_z
 from ctld.config import DataConfig
+from ctld.data.domain import check_input, input_differences
 from ctld.data.geometry import AlignmentError, align
 from ctld.data.shards import MANIFEST, iter_samples, manifest_shards
 from ctld.data.transforms import HU_WINDOWS, simulate_thick
 from ctld.data.volume import Volume
-from ctld.inference import adapted_export, add_infer_flags, check_adapt_settings, infer_config_from, pick_device
+from ctld.export import read_export_meta
+from ctld.infer_settings import describe, resolve_settings
+from ctld.inference import adapted_export, add_infer_flags, check_adapt_settings, pick_device
 from ctld.inferer import fit_depth_windows, interpolate_at_spacing, interpolate_volume
 from ctld.metrics import PROTOCOL, all_metrics
+from ctld.model_card import add_evaluation
 from ctld.panels import save_panels
 from ctld.predictors import CtldPredictor, baseline_predictor, prior_predictor, vae_predictor
 from ctld.series_io import read_series
@@ -288,6 +293,25 @@ def write_report(out: Path, doc: dict) -> None:
     tmp.replace(out / "report.md")
 
 
+def card_entry(doc: dict, settings_line: str) -> dict:
+    """A model card's record of this evaluation: counts, the mean rows exactly as in metrics.json, the settings and
+    protocol; no case names (salted hashes, but the card travels further than a report)."""
+    from collections import Counter
+
+    from ctld.run_info import git_commit
+
+    return {
+        "cases": len(doc["cases"]),
+        "scored_thin_slices": int(sum(case.get("scored_thin_slices", 0) for case in doc["cases"])),
+        "thick_source": dict(Counter(case["thick_source"] for case in doc["cases"])),
+        "mean": doc["mean"],
+        "settings": doc["settings"],
+        "settings_line": settings_line,
+        "protocol": doc["protocol"],
+        "ctld_git_commit": git_commit(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctld-eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch_size", type=int, default=None, help="without an export: in-plane tile size")
     parser.add_argument("--max_cases", type=int, default=0, help="evaluate at most this many cases (0 = all)")
     parser.add_argument("--panel_window", choices=sorted(HU_WINDOWS), default="soft_tissue", help="HU window of panels")
+    parser.add_argument("--add_to_card", default=None, metavar="NAME",
+                        help="record the mean scores in the export's model card (README.md, model_card.json) under "
+                             "NAME, e.g. 'held-out test split'; the same NAME is replaced")
     add_infer_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -326,7 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         if not modes or any(m not in MODES for m in modes):
             raise ValueError(f"--modes={args.modes!r}: give one or more of {','.join(MODES)}")
-        cfg = infer_config_from(args)
+        export_dir = args.checkpoint or args.vae
+        if args.add_to_card and not export_dir:
+            raise ValueError("--add_to_card NAME records this evaluation in an export's model card: it needs "
+                             "--checkpoint or --vae")
+        cfg, sources = resolve_settings(args, read_export_meta(export_dir).get("infer") if export_dir else None)
+        settings_line = describe(cfg, sources)
+        print(settings_line, flush=True)
         check_adapt_settings(cfg)
         if cfg.adapt_steps > 0 and (args.vae or args.method != "ctld"):
             raise ValueError("--adapt scores ctld adapted to each case: it needs --checkpoint and --method ctld")
@@ -349,17 +382,17 @@ def main(argv: list[str] | None = None) -> int:
         thick_profile = args.thick_profile or meta.get("thick_profile", "box")
         cases = load_cases(args.data, args.pair, factor, salt, args.max_cases, thick_profile)
         slab_filter = SlabFilter.from_json(meta["slab_filter"]) if "slab_filter" in meta else None
-        trained_mm = meta.get("thin_spacing_mm")
-        for case in cases:
-            if trained_mm and abs(case.thin_spacing_mm[0] / float(trained_mm) - 1.0) > cfg.spacing_tolerance >= 0:
-                logger.warning("%s: thin spacing %.2f mm, the model was trained for %.2f mm slices", case.name,
-                               case.thin_spacing_mm[0], float(trained_mm))
+        for case in cases:  # warnings only: scoring a model outside its training domain is what ctld-eval is for
+            spacing = (case.thin_spacing_mm[0] * factor, *case.thin_spacing_mm[1:])
+            check_input(input_differences(case.thick_hu, spacing, meta, spacing_tolerance=cfg.spacing_tolerance),
+                        name=case.name, allow=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         common = dict(factor=factor, depth_thick=depth_thick, patch_size=patch_size, cfg=cfg, device=device,
                       out=out, progress=not args.no_progress, panel_window=args.panel_window)
         settings = {"factor": factor, "depth_thick": depth_thick, "patch_size": patch_size,
-                    "hu_range": list(hu_range), "device": str(device), "thick_profile": thick_profile, **vars(cfg)}
+                    "hu_range": list(hu_range), "device": str(device), "thick_profile": thick_profile, **vars(cfg),
+                    "sources": sources}
         if args.vae:
             result = evaluate_vae(cases, export.vae, hu_range=hu_range, **common)
             mode = "vae"
@@ -418,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     doc = {"mode": mode, "protocol": protocol, "settings": settings, **result}
     write_report(out, doc)
+    if args.add_to_card:
+        add_evaluation(export_dir, args.add_to_card, card_entry(doc, settings_line))
+        print(f"recorded in {Path(export_dir) / 'README.md'} as {args.add_to_card!r}")
     print(json.dumps({"mean": doc["mean"], "report": str(out / "report.md")}, indent=2))
     return 0
 

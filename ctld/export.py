@@ -4,7 +4,9 @@
         vae.safetensors   vae.json      {"class": "AutoencoderKL3D", "kwargs": {...}, "format_version": 2}
         unet.safetensors  unet.json     (diffusion stage; the EMA weights)
         scheduler_config.json           diffusers `save_config` of the training scheduler
-        ctld.json                       meta: factor, hu_min, hu_max, depth_thick, patch_size, ...
+        ctld.json                       meta: factor, hu_min, hu_max, depth_thick, patch_size, the inference
+                                        settings (`infer`), the training domain (`domain`), vae_sha256, ...
+        README.md  model_card.json      the model card (ctld.model_card): use, data, training, scores
 
 `save_export` writes into a temporary sibling folder and renames it into place, so a reader never sees a
 half-written export. Nothing is pickled.
@@ -25,15 +27,23 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ctld.model_card import write_card
 from ctld.models.unet import UNet3D
 from ctld.models.vae import AutoencoderKL3D
 
 logger = logging.getLogger(__name__)
 
-# 2: the residual model (the U-Net conditioned on a prior latent and the slab phase; ctld.json's `residual` and
-# `slab_filter`). Version 1 U-Nets were conditioned on repeated thick latents and cannot be loaded into it.
+# Model files (vae.json, unet.json). 2: the residual model (the U-Net conditioned on a prior latent and the slab
+# phase; ctld.json's `residual` and `slab_filter`). Version 1 U-Nets were conditioned on repeated thick latents and
+# cannot be loaded into it.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = {"AutoencoderKL3D": {1, 2}, "UNet3D": {2}}  # the VAE did not change
+# The export as a whole (ctld.json's format_version). 3: ctld.json records the inference settings the model was
+# validated with (`infer`), what it saw in training (`domain`) and its VAE's hash (`vae_sha256`), and the folder
+# holds a model card (README.md, model_card.json). Version 2 exports ran with whatever settings the user had.
+EXPORT_VERSION = 3
+REEXPORT_HINT = ("re-export it with this ctld: relaunch its training with --train.resume=latest (the final "
+                 "checkpoint is exported again, no further steps), or retrain")
 MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {"AutoencoderKL3D": AutoencoderKL3D, "UNet3D": UNet3D}
 REQUIRED_META = ("factor", "hu_min", "hu_max", "depth_thick", "patch_size")
 
@@ -66,7 +76,9 @@ def save_model(model: torch.nn.Module, directory: str | Path, name: str) -> None
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights = directory / f"{name}.safetensors"
     tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp), metadata={"format": "pt", "class": cls_name})
+    # One metadata key: safetensors writes a header map of two in a random order, so the same weights saved twice
+    # would hash differently (vae_hash identifies a VAE by its bytes). The class is in name.json.
+    save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(weights)
     kwargs = json.loads(json.dumps(model.config))  # tuples -> lists
     _write_json(directory / f"{name}.json", {"class": cls_name, "kwargs": kwargs, "format_version": FORMAT_VERSION})
@@ -106,6 +118,7 @@ def save_export(
     unet: torch.nn.Module | None = None,
     scheduler: Any | None = None,
     meta: dict[str, Any],
+    card: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete export folder atomically (temp sibling folder, then rename; an old export is replaced).
 
@@ -115,6 +128,9 @@ def save_export(
         unet: the UNet3D (EMA weights), or None for a VAE-only export.
         scheduler: the training scheduler (written with `save_config`), or None.
         meta: ctld.json contents; must hold factor, hu_min, hu_max, depth_thick, patch_size (JSON-serialisable).
+            `vae_sha256` (`vae_hash` of the folder) and `format_version` are added.
+        card: the model card (`ctld.model_card.training_card`), written as model_card.json and README.md with
+            `vae.sha256` filled in; None writes no card.
     """
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
@@ -131,7 +147,10 @@ def save_export(
             save_model(unet, tmp, "unet")
         if scheduler is not None:
             scheduler.save_config(str(tmp))
-        _write_json(tmp / "ctld.json", {**meta, "format_version": FORMAT_VERSION})
+        meta = {**meta, "vae_sha256": vae_hash(tmp), "format_version": EXPORT_VERSION}
+        _write_json(tmp / "ctld.json", meta)
+        if card is not None:
+            write_card(tmp, {**card, "vae": {**card.get("vae", {}), "sha256": meta["vae_sha256"]}})
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -173,8 +192,40 @@ def _load_scheduler(directory: Path):
     return cls.from_config(config)
 
 
-def load_export(directory: str | Path, device: str | torch.device = "cpu") -> Export:
-    """Load an export folder written by `save_export` (models in eval mode on `device`)."""
+def read_export_meta(directory: str | Path, *, min_version: int = EXPORT_VERSION) -> dict[str, Any]:
+    """ctld.json of an export folder, refused in one line naming what to do when this ctld cannot use it: written
+    by a newer ctld (upgrade), or older than `min_version` (re-export or retrain). Plain JSON: nothing is run."""
+    path = Path(directory) / "ctld.json"
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"export folder {directory} does not exist; pass runs/<name>/export")
+    if not path.is_file():
+        raise FileNotFoundError(f"export {directory} is incomplete: ctld.json is missing; pass runs/<name>/export")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {REEXPORT_HINT}") from error
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds no JSON object; {REEXPORT_HINT}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < min_version:
+        raise ValueError(
+            f"{path}: export format {version!r} is older than this ctld's {EXPORT_VERSION} (it records no inference "
+            f"settings, training domain or model card); {REEXPORT_HINT}"
+        )
+    if version > EXPORT_VERSION:
+        raise ValueError(f"{path}: export format {version} was written by a newer ctld (this one reads up to "
+                         f"{EXPORT_VERSION}); upgrade ctld (pip install -U ctld, or pull and reinstall the checkout)")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; {REEXPORT_HINT}")
+    return meta
+
+
+def load_export(directory: str | Path, device: str | torch.device = "cpu", *,
+                min_version: int = EXPORT_VERSION) -> Export:
+    """Load an export folder written by `save_export` (models in eval mode on `device`). Weights are safetensors
+    and everything else JSON, so loading runs no pickled code. `min_version` < EXPORT_VERSION only for a VAE
+    export that a diffusion run starts from (its weights did not change)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"export folder {directory} does not exist; pass runs/<name>/export")
@@ -185,10 +236,7 @@ def load_export(directory: str | Path, device: str | torch.device = "cpu") -> Ex
     if any(unet_files) and not all(unet_files):
         absent = "unet.json" if not unet_files[0] else "unet.safetensors"
         raise FileNotFoundError(f"export {directory} is incomplete: {absent} is missing")
-    meta = json.loads((directory / "ctld.json").read_text())
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ValueError(f"{directory / 'ctld.json'} lacks {missing}")
+    meta = read_export_meta(directory, min_version=min_version)
     vae = load_model(directory, "vae", device)
     unet = load_model(directory, "unet", device) if all(unet_files) else None
     scheduler = _load_scheduler(directory) if (directory / "scheduler_config.json").is_file() else None

@@ -15,7 +15,7 @@ def load_frozen_vae(vae_export: str, data_cfg: DataConfig, device: torch.device 
     """The export's VAE in eval mode without gradients, in `dtype` on `device`; ValueError when its intensity
     window differs from data.hu_min/hu_max or data.patch_size is not a multiple of its in-plane factor."""
     # Loaded on the CPU, then moved: safetensors rejects device strings like "cpu:0" (accelerate's MULTI_CPU).
-    export = load_export(vae_export, "cpu")
+    export = load_export(vae_export, "cpu", min_version=1)  # VAE weights of every export format load
     meta = export.meta
     for key in ("hu_min", "hu_max"):
         if float(meta[key]) != float(getattr(data_cfg, key)):

@@ -4,10 +4,14 @@
     ctld-infer thick.nii.gz --checkpoint runs/ctld/export --out thin.nii.gz --format nifti --seed 1
     ctld-infer thick.nii.gz --checkpoint runs/ctld/export --out thin.nii.gz --adapt 200 --save_adapted adapted/
 
-The series is read (ctld/series_io.py), checked against what the model was trained for (ctld/data/geometry.py),
-run through the sliding-window inferer (ctld/inferer.py) with the export's predictor (ctld/predictors.py) and
-written as a new series on the thin grid of docs/DESIGN.md. With `--adapt STEPS` a copy of the export's U-Net is
-first fine-tuned on in-plane pairs of the input series itself (ctld/adapt.py); the export on disk is never changed.
+Settings: a flag wins, then a key that --config's `infer` section sets, then the settings the export was
+validated with (ctld.json `infer`), then the defaults (ctld/infer_settings.py); one printed line names each
+setting's source. The series is read (ctld/series_io.py), checked against what the model was trained for
+(ctld/data/geometry.py: tilt; ctld/data/domain.py: spacing, pixel size and HU, refused or warned about; go on with
+--allow_out_of_distribution), run through the sliding-window inferer (ctld/inferer.py) with the export's
+predictor (ctld/predictors.py) and written as a new series on the thin grid of docs/DESIGN.md. With
+`--adapt STEPS` a copy of the export's U-Net is first fine-tuned on in-plane pairs of the input series itself
+(ctld/adapt.py); the export on disk is never changed.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from ctld.config import ConfigError, InferConfig, load_config
+from ctld.config import InferConfig
+from ctld.data.domain import check_input, input_differences
 from ctld.data.geometry import check_thick_input
+from ctld.export import read_export_meta
+from ctld.infer_settings import describe, resolve_settings
 from ctld.inferer import fit_depth_windows, interpolate_at_spacing
 from ctld.predictors import CtldPredictor
 from ctld.series_io import read_input, thin_volume_like, write_output
@@ -29,23 +35,24 @@ from ctld.series_io import read_input, thin_volume_like, write_output
 logger = logging.getLogger(__name__)
 
 
-def infer_config_from(args: argparse.Namespace) -> InferConfig:
-    """InferConfig from --config's infer section (or the defaults), with the CLI flags that were given on top."""
-    cfg = load_config(args.config).infer if args.config else InferConfig()
-    values = {f.name: getattr(cfg, f.name) for f in fields(InferConfig)}
-    for name in values:
-        given = getattr(args, name, None)
-        if given is not None:
-            values[name] = given
-    try:
-        return InferConfig(**values)
-    except (TypeError, ConfigError) as error:
-        raise ValueError(f"bad inference settings: {error}") from error
+SETTINGS_HELP = (
+    "Settings: a flag wins; else a key --config's `infer` section sets; else the settings the export was "
+    "validated with (ctld.json `infer`, recorded by training); else the built-in defaults. One line "
+    "`settings: name=value (flag|config|export|default), ...` says which ran."
+)
+
+
+def infer_config_from(args: argparse.Namespace, recorded: dict | None = None) -> InferConfig:
+    """InferConfig of flags > --config's infer section > the export's recorded settings > the defaults
+    (`ctld.infer_settings.resolve_settings`, which also says where each came from)."""
+    return resolve_settings(args, recorded)[0]
 
 
 def add_infer_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by ctld-infer and ctld-eval; unset ones come from --config's infer section (base.yaml)."""
-    parser.add_argument("--config", default=None, help="YAML config whose `infer` section gives the defaults")
+    """Flags shared by ctld-infer and ctld-eval; unset ones come from --config, the export or the defaults."""
+    parser.add_argument("--config", default=None,
+                        help="YAML config whose `infer` section overrides the export's recorded settings (the keys "
+                             "it sets; a `base:` chain counts)")
     parser.add_argument("--mode", choices=("regression", "diffusion"), default=None,
                         help="regression: one pass, the conditional mean (best PSNR, fastest); diffusion: samples "
                              "started from the anchored one-pass estimate noised to the export's strength, "
@@ -101,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ctld-infer",
         description="Thick CT series (DICOM folder/ZIP or NIfTI) -> thin series with a ctld export.",
+        epilog=SETTINGS_HELP + " Inputs outside the export's training domain (slice or pixel spacing, HU) are "
+               "refused or warned about, naming the difference; --allow_out_of_distribution goes on.",
     )
     parser.add_argument("input", help="thick series: a DICOM folder or ZIP holding one CT series, or a NIfTI file")
     parser.add_argument("--checkpoint", required=True, help="export folder of a diffusion run (runs/<name>/export)")
@@ -112,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing_tolerance", type=float, default=None,
                         help="refuse series whose spacing is off factor x thin spacing by more than this fraction; "
                              "-1 = never refuse")
+    parser.add_argument("--allow_out_of_distribution", action="store_true",
+                        help="run on an input the export was not trained for (spacing, pixel size, HU) with a "
+                             "warning instead of refusing it")
     parser.add_argument("--save_adapted", default=None, metavar="DIR",
                         help="with --adapt: also write the adapted model as an export folder DIR")
     add_infer_flags(parser)
@@ -122,20 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     from ctld.export import load_export
 
     try:
-        cfg = infer_config_from(args)
+        cfg, sources = resolve_settings(args, read_export_meta(args.checkpoint).get("infer"))
         check_adapt_settings(cfg)
         if args.save_adapted and cfg.adapt_steps <= 0:
             raise ValueError("--save_adapted needs --adapt STEPS > 0 (there is nothing adapted to save)")
         if args.save_adapted and Path(args.save_adapted).resolve() == Path(args.checkpoint).resolve():
             raise ValueError("--save_adapted must not be the --checkpoint folder: the base export is never replaced")
+        print(describe(cfg, sources), flush=True)
         device = pick_device(args.device)
         export = load_export(args.checkpoint, device)
         meta = export.meta
         factor = int(meta["factor"])
         volume, reference, kind = read_input(args.input, series_id=args.series_id)
+        # Tilt is refused here whatever the flags (the grid cannot be handled); spacing, pixel size and HU by the
+        # training domain (ctld.data.domain), which --allow_out_of_distribution turns into warnings.
         check_thick_input(volume, factor=factor, thin_spacing_mm=float(meta.get("thin_spacing_mm", 1.0)),
-                          spacing_tolerance=cfg.spacing_tolerance, name=str(args.input),
+                          spacing_tolerance=-1, name=str(args.input),
                           slice_thickness_mm=volume.meta.get("slice_thickness_mm"))
+        check_input(input_differences(volume.hu, volume.spacing_mm, meta, spacing_tolerance=cfg.spacing_tolerance),
+                    name=str(args.input), allow=args.allow_out_of_distribution)
         export = adapted_export(export, volume.hu, volume.spacing_mm, cfg, device)
         if args.save_adapted:
             from ctld.adapt import save_adapted

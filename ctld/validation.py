@@ -103,8 +103,8 @@ def validate_diffusion(
     seed: int,
     device: torch.device,
 ) -> tuple[dict[str, float], list[np.ndarray]]:
-    """Regression output and one diffusion sample from thick patches, scored next to cubic interpolation and the
-    slab filter of the same thick patch (the baselines ctld-eval reports).
+    """Regression output and one diffusion sample from thick patches, scored next to nearest, linear and cubic
+    interpolation and the slab filter of the same thick patch (the baselines ctld-eval reports).
 
     Args:
         unet: the (prepared) U-Net, holding the weights to judge (the trainer swaps in the EMA weights).
@@ -118,7 +118,8 @@ def validate_diffusion(
         device: where the models run.
 
     Returns:
-        ({"regression_psnr_soft_tissue": ..., "diffusion_...", "cubic_...", "slab_...": ...}, panel columns for the
+        ({"regression_psnr_soft_tissue": ..., "diffusion_...", "nearest_...", "linear_...", "cubic_...",
+        "slab_...": ...}, panel columns for the
         first sample: [thick, regression, diffusion, cubic, target] as HU arrays).
     """
     vae_dtype = next(vae.parameters()).dtype
@@ -138,7 +139,8 @@ def validate_diffusion(
         decoded = {name: model_to_hu(decode_latents(vae, latents.to(vae_dtype)).float(), hu_min, hu_max)
                    for name, latents in outputs.items()}
         thick_hu = model_to_hu(thick, hu_min, hu_max)
-        decoded["cubic"] = interpolate_z(thick_hu, spec.factor, "cubic")  # same slice geometry as ctld-eval
+        for method in ("nearest", "linear", "cubic"):  # same slice geometry as ctld-eval
+            decoded[method] = interpolate_z(thick_hu, spec.factor, method)
         if spec.slab_filter is not None:
             decoded["slab"] = spec.slab_filter.apply(thick_hu)
         target_hu = model_to_hu(thin, hu_min, hu_max)
@@ -164,9 +166,10 @@ def val_batches(urls: list[str], cfg: Config, accelerator: Accelerator) -> list[
 
 
 def validate(accelerator: Accelerator, cfg: Config, *, model, frozen_vae, sampler, spec, ema, val_urls: list[str],
-              step: int, model_dtype: torch.dtype, log_metrics: bool, log_images: bool) -> None:
+              step: int, model_dtype: torch.dtype, log_metrics: bool, log_images: bool) -> dict[str, float]:
     """Metrics (`val/...`) and/or image panels (`panels/...`) on the fixed validation patches; every rank runs
-    its share (a collective under ZeRO-3), rank 0 writes the images."""
+    its share (a collective under ZeRO-3), rank 0 writes the images. Returns the metrics averaged over ranks
+    (on every rank)."""
     model.eval()
     # Fork the RNG so validation (and its loader) leaves the training stream's random state untouched.
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
@@ -184,8 +187,9 @@ def validate(accelerator: Accelerator, cfg: Config, *, model, frozen_vae, sample
             labels = ["thick", "regression (EMA)", "diffusion (EMA)", "cubic", "target"]
     names = sorted(metrics)
     values = accelerator.reduce(torch.tensor([metrics[n] for n in names], device=accelerator.device), "mean")
+    reduced = {n: float(v) for n, v in zip(names, values.tolist(), strict=True)}
     if log_metrics:
-        accelerator.log({f"val/{n}": float(v) for n, v in zip(names, values.tolist())}, step=step)
+        accelerator.log({f"val/{n}": v for n, v in reduced.items()}, step=step)
     if log_images and accelerator.is_main_process:
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
         # Thick columns repeated onto the thin grid; patches carry no spacing, so voxels are drawn square.
@@ -195,6 +199,23 @@ def validate(accelerator: Accelerator, cfg: Config, *, model, frozen_vae, sample
             panel = render_panel(named, spacing_mm=(1.0, 1.0, 1.0), views=("axial", "coronal"),
                                  windows=(window_name,), tile=columns[0].shape[-1])
             writer.add_image(f"panels/{window_name}", panel, global_step=step, dataformats="HWC")
+    return reduced
+
+
+# validate()'s metric prefixes -> the row names ctld-eval reports, so a model card shows both alike.
+ROW_NAMES = {"nearest": "nearest", "linear": "linear", "cubic": "cubic", "slab": "slab_filter",
+             "regression": "ctld_regression", "diffusion": "ctld_diffusion", "thin": "vae_thin", "thick": "vae_thick"}
+
+
+def score_rows(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """{"cubic_psnr_wide": 30.1, ...} -> {"cubic": {"psnr_wide": 30.1, ...}, ...}, baselines first."""
+    rows: dict[str, dict[str, float]] = {}
+    for prefix, row in ROW_NAMES.items():
+        values = {key.removeprefix(f"{prefix}_"): value for key, value in sorted(metrics.items())
+                  if key.startswith(f"{prefix}_")}
+        if values:
+            rows[row] = values
+    return rows
 
 
 @contextlib.contextmanager

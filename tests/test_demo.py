@@ -14,6 +14,7 @@ from ctld.data.dicom import read_dicom_series
 from ctld.demo import cli as demo
 from ctld.demo.results import STAGES, held_out_from_shards
 from ctld.export import load_export
+from ctld.model_card import read_card
 
 TINY = (
     "--n_studies 3 --num_slices 40 --size 48 --vae_steps 2 --diffusion_steps 2 --data.patch_size=32 "
@@ -87,6 +88,18 @@ def test_demo_artifacts_read_back(demo_run):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["stages"]) == set(STAGES)
     assert summary["mean"] == metrics["mean"]
+
+    # The export's model card holds the report's scores (ctld-eval --add_to_card), in the demo table's formats, and
+    # the inference settings training recorded (TINY's --infer overrides).
+    export_dir = out / "runs" / "diffusion" / "export"
+    card = read_card(export_dir)
+    assert card["evaluations"][demo.CARD_EVALUATION_PHANTOM]["mean"] == metrics["mean"]
+    readme = (export_dir / "README.md").read_text()
+    for method, row in metrics["mean"].items():
+        assert (f"| {method} | {row['psnr_wide']:.2f} | {row['ssim_wide']:.3f} | {row['psnr_soft_tissue']:.2f} | "
+                f"{row['ssim_soft_tissue']:.3f} | {row['mae_hu']:.1f} |") in readme
+    assert card["inference_settings"]["num_inference_steps"] == 2 and card["inference_settings"]["batch_size"] == 4
+    assert card["training"]["world_size"] == 2 and card["training_data"]["splits"]["train"]["patients"] >= 1
 
 
 def test_demo_rerun_reuses_finished_stages(demo_run, capsys):

@@ -353,3 +353,82 @@ def test_manifest_training_grid_reports_in_plane_resampling(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert manifest_training_grid(tmp_path) == {"thin_spacing_mm": 1.25}
     assert manifest_training_grid(tmp_path / "missing") == {}
+
+
+# ------------------------------------------------------------------------------ training domain and settings (17)
+
+DOMAIN_META = {"factor": 5, "thin_spacing_mm": 1.0, "hu_min": -1024.0, "hu_max": 2048.0,
+               "domain": {"thin_spacing_mm": {"min": 0.9, "median": 1.0, "max": 1.0},
+                          "pixel_spacing_mm": {"min": 0.6, "median": 0.7, "max": 0.8},
+                          "hu_p1": {"min": -1024.0, "median": -1010.0, "max": -990.0},
+                          "hu_p99": {"min": 600.0, "median": 700.0, "max": 900.0}}}
+
+
+def _chest_like(low: float = -1000.0, high: float = 750.0) -> np.ndarray:
+    hu = np.full((6, 20, 20), 40.0)
+    hu[:, :3] = low  # air above the body
+    hu[:, -2:] = high  # bone below it
+    return hu
+
+
+@pytest.mark.parametrize(("spacing", "hu", "expected"), [
+    ((5.0, 0.7, 0.7), _chest_like(), []),
+    ((5.4, 0.7, 0.7), _chest_like(), [("slice_spacing", False, "5.400 mm is outside the trained 4.5-5 mm")]),
+    ((3.0, 0.7, 0.7), _chest_like(), [("slice_spacing", True, "3.000 mm is 3.00 thin slices")]),
+    ((5.0, 1.0, 0.7), _chest_like(), [("pixel_spacing", False, "row pixel spacing 1.000 mm")]),
+    ((5.0, 0.7, 2.0), _chest_like(), [("pixel_spacing", True, "column pixel spacing 2.000 mm")]),
+    ((5.0, 0.7, 0.7), _chest_like(high=1100.0), [("hu", False, "99th HU percentile 1100")]),
+    ((5.0, 0.7, 0.7), _chest_like() + 1024, [("hu", True, "1st HU percentile 24"), ("hu", True, "99th")]),
+    ((5.0, 0.7, 0.7), _chest_like(low=-3024.0), []),  # padding below the window is clipped: not a difference
+])
+def test_input_differences_name_what_differs(spacing, hu, expected):
+    from ctld.data.domain import input_differences
+
+    found = input_differences(hu, spacing, DOMAIN_META, spacing_tolerance=0.25)
+    assert [(d.what, d.refuse) for d in found] == [(what, refuse) for what, refuse, _ in expected]
+    for difference, (_, _, text) in zip(found, expected, strict=True):
+        assert text in difference.text
+
+
+def test_an_unknown_domain_checks_only_the_slice_spacing():
+    from ctld.data.domain import input_differences
+
+    meta = {k: v for k, v in DOMAIN_META.items() if k != "domain"}  # e.g. trained on explicit shard URLs
+    assert input_differences(_chest_like() + 1024, (5.0, 3.0, 3.0), meta, spacing_tolerance=0.25) == []
+    assert [d.refuse for d in input_differences(_chest_like(), (2.0, 1, 1), meta, spacing_tolerance=0.25)] == [True]
+    assert [d.refuse for d in input_differences(_chest_like(), (2.0, 1, 1), meta, spacing_tolerance=-1)] == []
+
+
+def test_refusals_go_on_with_the_flag_as_warnings(caplog):
+    from ctld.data.domain import Difference, OutOfDistributionError, check_input
+
+    found = [Difference("hu", "HU is off", True), Difference("pixel_spacing", "pixels are off", False)]
+    with pytest.raises(OutOfDistributionError, match=r"^series-C: .*HU is off\. Pass --allow_out_of_distribution"):
+        check_input(found, name="series-C", allow=False)
+    with caplog.at_level("WARNING"):
+        check_input(found, name="series-C", allow=True)
+    assert "HU is off (a refusal, overridden" in caplog.text and "pixels are off" in caplog.text
+
+
+def test_settings_precedence_flag_config_export_default(tmp_path):
+    import argparse
+
+    from ctld.infer_settings import describe, resolve_settings
+    from ctld.inference import add_infer_flags
+
+    parser = argparse.ArgumentParser()
+    add_infer_flags(parser)
+    recorded = {"mode": "diffusion", "num_inference_steps": 4, "seed": 3, "batch_size": 8}
+    config = tmp_path / "infer.yaml"
+    config.write_text("infer:\n  seed: 5\n  batch_size: 2\n")
+    cfg, sources = resolve_settings(parser.parse_args(["--config", str(config), "--batch_size", "1"]), recorded)
+    assert (cfg.mode, cfg.num_inference_steps, cfg.seed, cfg.batch_size, cfg.sampler) == ("diffusion", 4, 5, 1, "ddim")
+    assert (sources["mode"], sources["seed"], sources["batch_size"], sources["sampler"]) == (
+        "export", "config", "flag", "default")
+    line = describe(cfg, sources)
+    assert line.startswith("settings: mode=diffusion (export), ") and "batch_size=1 (flag)" in line
+    assert "adapt_lr" not in line  # adaptation details only when adapting
+    cfg, sources = resolve_settings(parser.parse_args([]), None)
+    assert set(sources.values()) == {"default"}
+    with pytest.raises(ValueError, match="recorded in the export's ctld.json.*num_inference_steps"):
+        resolve_settings(parser.parse_args([]), {"num_inference_steps": "many"})

@@ -40,7 +40,8 @@ LAUNCH_TIMEOUT_S = 600
 TRAIN_SCALARS = {"train/loss", "lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_fraction"}
 VAE_VAL_SCALARS = {f"val/{kind}_{metric}_{window}" for kind in ("thin", "thick") for metric in ("psnr", "ssim")
                    for window in ("soft_tissue", "wide")}
-DIFFUSION_VAL_SCALARS = {f"val/{kind}_{metric}_{window}" for kind in ("regression", "diffusion", "cubic", "slab")
+DIFFUSION_VAL_SCALARS = {f"val/{kind}_{metric}_{window}"
+                         for kind in ("regression", "diffusion", "nearest", "linear", "cubic", "slab")
                          for metric in ("psnr", "ssim") for window in ("soft_tissue", "wide")}
 PANELS = {"panels/soft_tissue", "panels/wide"}
 

@@ -141,6 +141,11 @@ def _write_manifest(builder: Builder, shards, records, archive_skips, out_dir: P
             "shards": sum(1 for s in shards if s.split == split),
             "samples": sum(records[s.name]["samples"] for s in shards if s.split == split),
             "bytes": sum(records[s.name]["bytes"] for s in shards if s.split == split),
+            # Counts only (the model card's training data): keys are "<case_id>_<series_id>".
+            "patients": len({info["key"].split("_")[0] for s in shards if s.split == split
+                             for info in records[s.name]["sample_info"]}),
+            "thick_source": dict(Counter(info["thick_source"] for s in shards if s.split == split
+                                         for info in records[s.name]["sample_info"])),
         }
         for split in SPLITS
     }
@@ -163,6 +168,9 @@ def _write_manifest(builder: Builder, shards, records, archive_skips, out_dir: P
             "pixel_spacing_y_mm": _stats([s["thin_spacing_mm"][1] for s in samples]),
             "pixel_spacing_x_mm": _stats([s["thin_spacing_mm"][2] for s in samples]),
         },
+        # Percentiles of each thick series' HU (ctld.data.domain.hu_percentiles), summarised over series; absent
+        # from records of shards built before they were recorded.
+        "hu": {key: _stats([s[f"hu_{key}"] for s in samples if f"hu_{key}" in s]) for key in ("p1", "p99")},
         "series_total": total,
         "skipped": skipped,
         "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),

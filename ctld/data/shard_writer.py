@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 
 from ctld.data import dicom
+from ctld.data.domain import hu_percentiles
 from ctld.data.nifti import read_cached_volume, read_nifti
 from ctld.data.pairing import make_inplane_sample, make_sample, spacing_class
 from ctld.data.shard_plan import DONE_DIR, TMP_PREFIX, Job, ShardPlan
+from ctld.data.shards import decode_sample
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +161,14 @@ class _ShardSink:
         sample = result["sample"]
         self.writer.write(sample)
         info = json.loads(sample["json"])
+        # The manifest's HU ranges (ctld.data.domain): percentiles of the thick side, the model's input (slab
+        # averages have narrower tails than thin slices, so a thick input is compared with thick series).
+        hu_p1, hu_p99 = hu_percentiles(decode_sample(sample)["thick"])
         self.samples.append(
             {
                 "key": sample["__key__"],
+                "hu_p1": hu_p1,
+                "hu_p99": hu_p99,
                 "thick_source": info["thick_source"],
                 **({"inplane_axis": info["inplane_axis"]} if "inplane_axis" in info else {}),
                 "shape_thin": info["shape_thin"],

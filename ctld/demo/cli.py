@@ -16,7 +16,8 @@ training stage resumes from its last checkpoint):
 4. diffusion: the same launch with `--train.stage=diffusion` on the VAE export -> OUT/runs/diffusion/...
 5. infer:     `ctld-infer` on the held-out thick series -> OUT/infer/thin_dicom (a thin DICOM series).
 6. eval:      `ctld-eval` ctld vs nearest/linear/cubic against the held-out thin series -> OUT/report
-              (metrics.json, report.md, panels/), plus OUT/coronal.png (thick | linear | ctld | thin | error).
+              (metrics.json, report.md, panels/), plus OUT/coronal.png (thick | linear | ctld | thin | error);
+              the same scores are recorded in the export's model card (`--add_to_card`).
 
 The resolved settings (configs/demo.yaml + overrides) are written to OUT/demo_config.yaml and every stage reads
 that file; OUT/summary.json holds the stage times and the mean metrics.
@@ -38,12 +39,15 @@ from ctld.config import Config, ConfigError, config_to_dict, load_config, save_c
 from ctld.data.dicom import anon_id
 from ctld.demo.results import held_out_from_shards, make_coronal, summarize
 from ctld.demo.stages import REPO_ROOT, Stages, fingerprint, train_stage
+from ctld.export import EXPORT_VERSION
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 PHANTOM_VERSION = 1  # bump when ctld.demo.phantom changes what a seed produces, so reruns regenerate
 PHANTOM_SALT = "ctld-demo-phantoms"  # public: phantoms identify no one
+CARD_EVALUATION_PHANTOM = "ctld-demo: held-out phantom study"  # the name of the report's entry in the model card
+CARD_EVALUATION_DATA = "ctld-demo: test split of --data"
 
 
 def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -189,7 +193,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         [out / "runs" / "vae"],
         lambda: train_stage("vae", config_path, out, shards_dir, vae_steps, args.num_processes),
     )
-    diffusion_fp = fingerprint(vae_fp, sections["unet"], sections["diffusion"], diffusion_steps)
+    # The export format: an export an older ctld wrote is refused by ctld-infer, so it is trained again.
+    diffusion_fp = fingerprint(vae_fp, sections["unet"], sections["diffusion"], diffusion_steps, EXPORT_VERSION)
     stages.run(
         "diffusion",
         diffusion_fp,
@@ -228,8 +233,10 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     def evaluate_all() -> None:
         data = ["--pair", held["thick"], held["thin_dir"]] if "thin_dir" in held else [str(shards_dir)]
+        # The report's scores also go into the export's model card (README.md), so the card shows these numbers.
         code = evaluate.main(
-            [*data, "--checkpoint", str(export), "--out", str(report), "--config", str(config_path), "--no_progress"]
+            [*data, "--checkpoint", str(export), "--out", str(report), "--config", str(config_path), "--no_progress",
+             "--add_to_card", CARD_EVALUATION_DATA if args.data else CARD_EVALUATION_PHANTOM]
         )
         if code != 0:
             raise RuntimeError(f"ctld-eval failed (exit {code}); its error is above")

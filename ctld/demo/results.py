@@ -124,7 +124,7 @@ def summarize(out: Path, cfg: Config, times: dict, wall_seconds: float, held: di
     if (out / "coronal.png").is_file():
         print(f"  coronal panel:  {rel(out / 'coronal.png')}")
     print(f"  thin series:    {rel(thin_dir)}  ({n_files} DICOM files, from {rel(Path(held['thick']))})")
-    print(f"  model export:   {rel(export)}")
+    print(f"  model export:   {rel(export)}  (model card: README.md, with these scores)")
     print(f"  TensorBoard:    tensorboard --logdir {rel(out / 'runs')}")
     print("=" * 78, flush=True)
     return {

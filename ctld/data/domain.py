@@ -1,0 +1,181 @@
+"""What a model saw in training, in aggregate, and how an input differs from it.
+
+    domain = training_domain(read_manifest("shards"), hu_window=(-1024, 2048))   # ctld.json's `domain` block
+    found = input_differences(thick.hu, thick.spacing_mm, meta, spacing_tolerance=0.25)
+    check_input(found, name="thick_series/", allow=args.allow_out_of_distribution)   # refuse or warn
+
+Everything here is counts, ranges and percentiles over the shard manifest; never a sample key or an id.
+
+Warn or refuse (docs/usage.md): a refusal is a difference the model is not built for, where its output would be
+wrong rather than worse: a slice spacing that is not about factor x the trained thin spacing (the model would
+invent the wrong number of slices per slab), a pixel size more than 2x outside the trained range (anatomy at
+another scale), or HU percentiles more than 300 HU outside the trained range (not CT HU: an unapplied rescale, or
+another modality). Smaller differences are warnings; `allow` turns refusals into warnings too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+HU_PERCENTILES = (1.0, 99.0)  # robust ends of a series' HU: single hot or padding voxels do not move them
+HU_SAMPLE_VOXELS = 2_000_000  # percentiles from a strided subsample: the same to ~1 HU, a fraction of the time
+HU_WARN_HU = 50.0  # percentile outside the trained range by more: warning
+HU_REFUSE_HU = 300.0  # by more: refusal
+PIXEL_REFUSE_RATIO = 2.0  # pixel spacing outside the trained range by more than this factor: refusal
+SPACING_WARN_RTOL = 0.05  # slice spacing outside factor x the trained thin-spacing range by more: warning
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One way an input lies outside the training domain; `refuse` when the model is not built for it."""
+
+    what: str  # "slice_spacing" | "pixel_spacing" | "hu"
+    text: str
+    refuse: bool
+
+
+class OutOfDistributionError(ValueError):
+    """An input the model was not built for; the message names each difference and the flag to go on."""
+
+
+def hu_percentiles(hu: np.ndarray) -> tuple[float, float]:
+    """(1st, 99th) HU percentile of a volume, over a strided subsample of at most HU_SAMPLE_VOXELS voxels."""
+    flat = np.asarray(hu).reshape(-1)
+    stride = max(1, flat.size // HU_SAMPLE_VOXELS)
+    low, high = np.percentile(flat[::stride], HU_PERCENTILES)
+    return float(low), float(high)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    array = np.asarray(values, dtype=np.float64)
+    return {"min": float(array.min()), "median": float(np.median(array)), "max": float(array.max())}
+
+
+def training_domain(manifest: dict[str, Any], *, hu_window: tuple[float, float]) -> dict[str, Any]:
+    """ctld.json's `domain`: the ranges the training shards cover (from `ctld.data.shards.read_manifest`).
+
+    Returns {"thin_spacing_mm": {min, median, max}, "pixel_spacing_mm": {min, median, max} (of the grid the model
+    saw, after any in-plane resampling), "hu_p1" / "hu_p99": {min, median, max} over the thick series the model
+    took as input (shards built before ctld recorded them lack these), "hu_window": [lo, hi]}.
+    """
+    geometry = manifest.get("geometry", {})
+    pixel = [geometry.get(f"pixel_spacing_{axis}_mm", {}) for axis in ("y", "x")]
+    domain: dict[str, Any] = {"hu_window": [float(hu_window[0]), float(hu_window[1])]}
+    if geometry.get("thin_spacing_z_mm"):
+        domain["thin_spacing_mm"] = dict(geometry["thin_spacing_z_mm"])
+    if all(pixel):
+        domain["pixel_spacing_mm"] = {"min": min(p["min"] for p in pixel), "median": float(np.mean(
+            [p["median"] for p in pixel])), "max": max(p["max"] for p in pixel)}
+    for key in ("p1", "p99"):
+        stats = manifest.get("hu", {}).get(key)
+        if stats:
+            domain[f"hu_{key}"] = dict(stats)
+    return domain
+
+
+def data_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The model card's training data: counts per split and pair kind, geometry and HU ranges. Only aggregates
+    are copied (never the manifest's shard, skipped or unused lists, which name series by hash)."""
+    splits = {}
+    for split, info in manifest.get("splits", {}).items():
+        splits[split] = {"series": info.get("samples"), "patients": info.get("patients"),
+                         "pairs": dict(info["thick_source"]) if "thick_source" in info else None}
+    geometry = manifest.get("geometry", {})
+    return {
+        "shards_format_version": manifest.get("format_version"),
+        "factor": manifest.get("factor"),
+        "thick_profile": manifest.get("thick_profile"),
+        "splits": splits,
+        "pairs": dict(manifest.get("thick_source", {})),
+        "series_skipped": len(manifest.get("skipped", [])),
+        "skipped_reasons": dict(manifest.get("skipped_counts", {})),
+        "thin_spacing_mm": geometry.get("thin_spacing_z_mm") or None,
+        "pixel_spacing_y_mm": geometry.get("pixel_spacing_y_mm") or None,
+        "pixel_spacing_x_mm": geometry.get("pixel_spacing_x_mm") or None,
+        "inplane_resampled_to_mm": manifest.get("settings", {}).get("inplane_spacing_mm") or None,
+        "thin_depth": geometry.get("thin_depth") or None,
+        "image_size": {"height": geometry.get("height") or None, "width": geometry.get("width") or None},
+        "hu_p1": manifest.get("hu", {}).get("p1"),
+        "hu_p99": manifest.get("hu", {}).get("p99"),
+    }
+
+
+def _outside(value: float, low: float, high: float) -> float:
+    """How far `value` lies outside [low, high] (0 inside)."""
+    return max(low - value, value - high, 0.0)
+
+
+def input_differences(hu: np.ndarray, spacing_mm, meta: dict[str, Any], *,
+                      spacing_tolerance: float) -> list[Difference]:
+    """How a thick input (HU (D, H, W), spacing (dz, dy, dx) mm) differs from what the export's model saw.
+
+    Args:
+        meta: the export's ctld.json (factor, thin_spacing_mm, inplane_spacing_mm, domain, hu_min, hu_max).
+        spacing_tolerance: relative slice-spacing difference from factor x thin_spacing_mm that is refused
+            (< 0: never refused, only warned).
+    """
+    found: list[Difference] = []
+    factor = int(meta["factor"])
+    domain = meta.get("domain", {})
+    dz, dy, dx = (float(v) for v in spacing_mm)
+    if "thin_spacing_mm" in meta:
+        thin_mm = float(meta["thin_spacing_mm"])
+        expected = factor * thin_mm
+        off = abs(dz / expected - 1.0)
+        seen = domain.get("thin_spacing_mm")
+        if spacing_tolerance >= 0 and off > spacing_tolerance:
+            found.append(Difference("slice_spacing", (
+                f"slice spacing {dz:.3f} mm does not fit this model: it turns {expected:.3g} mm slices into "
+                f"{thin_mm:.3g} mm (factor {factor}), and {dz:.3f} mm is {dz / thin_mm:.2f} thin slices "
+                f"(tolerance {spacing_tolerance:.0%}; --spacing_tolerance=-1 never refuses)"), True))
+        elif seen and _outside(dz, factor * seen["min"], factor * seen["max"]) > SPACING_WARN_RTOL * expected:
+            found.append(Difference("slice_spacing", (
+                f"slice spacing {dz:.3f} mm is outside the trained {factor * seen['min']:.3g}-"
+                f"{factor * seen['max']:.3g} mm (factor {factor} x thin {seen['min']:.3g}-{seen['max']:.3g} mm)"),
+                False))
+    pixel = domain.get("pixel_spacing_mm")
+    if pixel and not meta.get("inplane_spacing_mm"):  # resampled models see their own pixel size whatever comes in
+        for axis, value in (("row", dy), ("column", dx)):
+            ratio = max(pixel["min"] / value, value / pixel["max"])
+            if ratio > 1.0 + 1e-3:
+                found.append(Difference("pixel_spacing", (
+                    f"{axis} pixel spacing {value:.3f} mm is outside the trained {pixel['min']:.3g}-"
+                    f"{pixel['max']:.3g} mm ({ratio:.2f}x; refused beyond {PIXEL_REFUSE_RATIO:g}x)"),
+                    ratio > PIXEL_REFUSE_RATIO))
+    low_hu, high_hu = float(meta["hu_min"]), float(meta["hu_max"])
+    if domain.get("hu_p1") and domain.get("hu_p99"):
+        # Compared inside the model's window, where percentiles commute with the clipping the model applies:
+        # padding below hu_min or metal above hu_max is not a difference the model sees.
+        p1, p99 = (float(np.clip(v, low_hu, high_hu)) for v in hu_percentiles(hu))
+        for name, value, seen in (("1st", p1, domain["hu_p1"]), ("99th", p99, domain["hu_p99"])):
+            lo, hi = (float(np.clip(seen[k], low_hu, high_hu)) for k in ("min", "max"))
+            off = _outside(value, lo, hi)
+            if off > HU_WARN_HU:
+                refuse = off > HU_REFUSE_HU
+                found.append(Difference("hu", (
+                    f"{name} HU percentile {value:.0f} is {off:.0f} HU outside the training series' {lo:.0f} to "
+                    f"{hi:.0f} HU" + (" (not CT HU? a rescale not applied, or another modality)" if refuse else
+                                      f" (refused beyond {HU_REFUSE_HU:.0f} HU)")), refuse))
+    return found
+
+
+def check_input(found: list[Difference], *, name: str, allow: bool) -> None:
+    """Refuse (OutOfDistributionError, one line) when a difference is a refusal and `allow` is False; otherwise
+    log each difference as a warning."""
+    refused = [d for d in found if d.refuse]
+    if refused and not allow:
+        raise OutOfDistributionError(
+            f"{name}: outside what the model was trained on: {'; '.join(d.text for d in refused)}. Pass "
+            "--allow_out_of_distribution to run anyway"
+        )
+    for difference in found:
+        overridden = " (a refusal, overridden by --allow_out_of_distribution)" if difference.refuse else ""
+        logger.warning("%s: %s%s", name, difference.text, overridden)

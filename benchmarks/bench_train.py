@@ -51,7 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 from bench_loader import build_shard_set  # noqa: E402
-from emit import emit_json  # noqa: E402  (benchmarks/emit.py)
+from emit import emit_json, write_json  # noqa: E402  (benchmarks/emit.py)
 
 from ctld.config import Config, load_config  # noqa: E402
 from ctld.models.unet import UNet3D  # noqa: E402
@@ -218,14 +218,18 @@ def add_mfu(result: dict, cfg: Config, stage: str, device: torch.device, peak_tf
     result["mfu"] = round(flops * steps_per_s / 1e12 / peak_tflops, 4)
 
 
-def latent_vs_pixel(diffusion: dict, pixel_name: str, latent_name: str) -> dict:
-    """Two diffusion figures side by side, and the speed-up that removing the encode alone predicts (from the share of
-    the timed pixel run's micro-batch the VAE encode took)."""
-    pixel, latent = diffusion[pixel_name], diffusion[latent_name]
-    doc = {"compared": [pixel_name, latent_name], "pixel_samples_per_s": pixel["samples_per_s"],
-           "latent_samples_per_s": latent["samples_per_s"],
-           "speedup": round(latent["samples_per_s"] / pixel["samples_per_s"], 3)}
-    timed = diffusion.get("pixel", pixel)
+def latent_vs_pixel(diffusion: dict) -> dict:
+    """Pixel and latent figures side by side (each pair that ran: with phase timing, and without), their mean
+    speed-up, and the speed-up that removing the encode alone predicts: 1 / (1 - the share of the timed pixel run's
+    micro-batch that the VAE encode took)."""
+    pairs = [(p, q) for p, q in (("pixel", "latent"), ("pixel_nophases", "latent_nophases"))
+             if "error" not in diffusion.get(p, {"error": 1}) and "error" not in diffusion.get(q, {"error": 1})]
+    doc: dict = {"pairs": [{"compared": [p, q], "pixel_samples_per_s": diffusion[p]["samples_per_s"],
+                            "latent_samples_per_s": diffusion[q]["samples_per_s"],
+                            "speedup": round(diffusion[q]["samples_per_s"] / diffusion[p]["samples_per_s"], 3)}
+                           for p, q in pairs]}
+    doc["mean_speedup"] = round(sum(pair["speedup"] for pair in doc["pairs"]) / len(doc["pairs"]), 3)
+    timed = diffusion.get("pixel", {})
     encode_ms = timed.get("phases_ms", {}).get("vae_encode")
     if encode_ms is not None:
         micro_ms = 1e3 * timed["step_time_s"] / timed["micro_batches_per_step"]
@@ -273,6 +277,34 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config, base_overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = cfg.data
+    load_before = os.getloadavg()
+    results: dict = {}
+
+    def report(complete: bool) -> dict:
+        return {
+            "benchmark": "bench_train",
+            "complete": complete,  # false: written after each run, so a killed benchmark keeps what it measured
+            "preset": args.preset,
+            "config": config,
+            "overrides": base_overrides,
+            "patch": {"thick": [data.depth_thick, data.patch_size, data.patch_size],
+                      "thin": [data.depth_thick * data.factor, data.patch_size, data.patch_size],
+                      "batch_size_per_device": data.batch_size, "num_workers": data.num_workers},
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "processes": 1,
+            "mixed_precision": "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no",
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "peak_tflops": args.peak_tflops if device.type == "cuda" else None,
+            "results": results,
+            "load_avg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        }
+
+    def checkpoint() -> None:
+        if args.out:
+            write_json(report(complete=False), args.out)
+
     with tempfile.TemporaryDirectory(prefix="ctld_bench_train_") as tmp:
         work = Path(tmp)
         thin_depth = (data.depth_thick + 2) * data.factor
@@ -280,16 +312,16 @@ def main(argv: list[str] | None = None) -> int:
         train_urls = sorted(str(p) for p in shards.glob("train-*.tar"))
         overrides = [*base_overrides, f"--data.train_urls={'::'.join(train_urls)}",
                      f"--data.val_urls={train_urls[0]}"]  # validation is off; the trainer still resolves val URLs
-        load_before = os.getloadavg()
-        results: dict = {}
         if "vae" in stages:
             results["vae"] = run_training("bench_vae", "vae", config, overrides, work, steps=args.steps,
                                           warmup=args.warmup)
             if device.type == "cuda":
                 add_mfu(results["vae"], cfg, "vae", device, args.peak_tflops, with_encode=False)
+            checkpoint()
         if "diffusion" in stages:
             vae_export = work / "runs" / "bench_vae" / "export"
             diffusion: dict = {}
+            results["diffusion"] = diffusion
             latent_dir = work / "latent_shards"
             if any(v.startswith("latent") for v in [*variants, *launch_variants]):
                 results["encode"] = encode_latent_shards(config, base_overrides, shards, vae_export, latent_dir,
@@ -303,40 +335,23 @@ def main(argv: list[str] | None = None) -> int:
                 if "compile" in tags:
                     extra.append("--train.compile=true")
                 name = f"{variant}@{Path(launch).stem}" if launch else variant
-                result = run_training(f"bench_diffusion_{name.replace('@', '_')}", "diffusion", config,
-                                      [*overrides, *extra], work, steps=args.steps, warmup=args.warmup,
-                                      launch=launch)
+                try:
+                    result = run_training(f"bench_diffusion_{name.replace('@', '_')}", "diffusion", config,
+                                          [*overrides, *extra], work, steps=args.steps, warmup=args.warmup,
+                                          launch=launch)
+                except RuntimeError as error:  # one failing variant must not lose the others' figures
+                    diffusion[name] = {"error": str(error)[-2000:]}
+                    checkpoint()
+                    continue
                 if device.type == "cuda":
                     add_mfu(result, cfg, "diffusion", device, args.peak_tflops,
                             with_encode=variant.startswith("pixel"))
                 diffusion[name] = result
-            results["diffusion"] = diffusion
-            # The phase split needs the timed runs; the throughput ratio is fairest without syncs when both ran.
-            pair = ("pixel_nophases", "latent_nophases") if {"pixel_nophases", "latent_nophases"} <= set(
-                diffusion) else ("pixel", "latent")
-            if {"pixel", "latent"} <= set(diffusion) or set(pair) <= set(diffusion):
-                results["latent_vs_pixel"] = latent_vs_pixel(diffusion, *pair)
-        load_after = os.getloadavg()
-
-    report = {
-        "benchmark": "bench_train",
-        "preset": args.preset,
-        "config": config,
-        "overrides": base_overrides,
-        "patch": {"thick": [data.depth_thick, data.patch_size, data.patch_size],
-                  "thin": [data.depth_thick * data.factor, data.patch_size, data.patch_size],
-                  "batch_size_per_device": data.batch_size, "num_workers": data.num_workers},
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "processes": 1,
-        "mixed_precision": "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no",
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "peak_tflops": args.peak_tflops if device.type == "cuda" else None,
-        "results": results,
-        "load_avg_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-    }
-    emit_json(report, args.out)
+                checkpoint()
+            done = {name for name, result in diffusion.items() if "error" not in result}
+            if {"pixel", "latent"} <= done or {"pixel_nophases", "latent_nophases"} <= done:
+                results["latent_vs_pixel"] = latent_vs_pixel(diffusion)
+    emit_json(report(complete=True), args.out)
     return 0
 
 

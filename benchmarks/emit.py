@@ -11,9 +11,14 @@ def emit_json(doc: dict, out: str | Path | None = None, *, indent: int = 2) -> s
     text = json.dumps(doc, indent=indent)
     print(text, flush=True)
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(path)
+        write_json(doc, out, indent=indent)
     return text
+
+
+def write_json(doc: dict, out: str | Path, *, indent: int = 2) -> None:
+    """The document in `out` only (atomically): for partial results a long benchmark saves as it goes."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=indent) + "\n")
+    tmp.replace(path)

@@ -40,7 +40,7 @@ def optimizer_and_lr_scheduler(accelerator: Accelerator, model: torch.nn.Module,
         return optimizer, DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: build_lr_scheduler(opt, 1))
     # Fused AdamW on the GPU: one kernel for all parameters instead of a loop of small ones.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=torch.cuda.is_available() or None)
+                                  fused=accelerator.device.type == "cuda" or None)
     # accelerate's AcceleratedScheduler steps the scheduler once per process per optimizer step, hence the
     # factor num_processes (as in diffusers' training examples).
     return optimizer, build_lr_scheduler(optimizer, accelerator.num_processes)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -65,6 +65,7 @@ from ctld.config import Config, ConfigError, config_to_dict, flatten_config, loa
 from ctld.config_checks import check
 from ctld.data.domain import data_summary, training_domain
 from ctld.data.latent_shards import MATCHED_SETTINGS, check_latent_manifest, latent_shard_urls, read_latent_manifest
+from ctld.data.shard_writer import sha256_of
 from ctld.data.shards import manifest_training_grid, read_manifest, shard_urls
 from ctld.data.train_stream import TrainStream
 from ctld.diffusion import ResidualSpec, build_sampler, build_train_scheduler, encode_pair, spec_residual_loss
@@ -113,8 +114,6 @@ def train(cfg: Config) -> None:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         kwargs_handlers=process_group_kwargs(),
-        # Compiled inside `prepare` (after the DDP wrap); unwrap_model and the export see the original module.
-        dynamo_backend="inductor" if cfg.train.compile else None,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(cfg.train.seed, device_specific=True)  # device_specific: each rank draws different noise
@@ -127,9 +126,15 @@ def train(cfg: Config) -> None:
     stage = cfg.train.stage
 
     # The model being trained goes through `prepare`; the frozen VAE (diffusion stage) does not.
-    model, frozen_vae, noise_scheduler, sampler, spec, ema = _build_models(cfg, device, accelerator.mixed_precision)
+    model, frozen_vae, noise_scheduler, sampler, spec, ema = _build_models(cfg, accelerator)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)  # convs then run NDHWC kernels on the GPU
+    if cfg.train.compile:
+        # In place (nn.Module.compile): the module keeps its own parameter names, so state dicts, checkpoints, the
+        # export, EMA and DDP's no_sync see the plain module (a torch.compile wrapper would prefix `_orig_mod.`).
+        # dynamic=False: one graph per patch shape (the VAE stage alternates thick and thin patches); symbolic depths
+        # fail in the posterior's randn.
+        model.compile(dynamic=False)
     optimizer, lr_scheduler = optimizer_and_lr_scheduler(accelerator, model, cfg)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     model_dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed bf16: inputs are cast to it
@@ -321,20 +326,25 @@ def train(cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _build_models(cfg: Config, device: torch.device, mixed_precision: str):
+def _build_models(cfg: Config, accelerator: Accelerator):
     """(model to train, frozen VAE, noise scheduler, sampler, ResidualSpec, EMA); the last five are None for the
     VAE stage."""
     if cfg.train.stage == "vae":
         return AutoencoderKL3D(**asdict(cfg.vae)), None, None, None, None, None
-    frozen_vae = _load_frozen_vae(cfg, device, mixed_precision)
+    frozen_vae = _load_frozen_vae(cfg, accelerator.device, accelerator.mixed_precision)
     unet = UNet3D(latent_channels=frozen_vae.latent_channels, factor=cfg.data.factor, **asdict(cfg.unet))
     noise_scheduler = build_train_scheduler(cfg.diffusion)
     sampler = build_sampler(cfg.diffusion.sampler, noise_scheduler.config)
     # A closed-form fit on the first training volumes: every rank and every launch gets the same filter.
     # residual_scale is set after resume: a resumed run keeps the checkpoint's value.
-    # Latent shards carry the filter their priors were encoded with.
-    slab_filter = (SlabFilter.from_json(read_latent_manifest(cfg.data.latent_shards_dir)["slab_filter"])
-                   if cfg.data.latent_shards_dir else fit_slab_filter_on_shards(cfg))
+    # Latent shards carry the filter their priors were encoded with; else it is fitted by the main process and sent
+    # to the others, so every rank holds the same filter even if a shard read fails on one of them.
+    if cfg.data.latent_shards_dir:
+        slab_json = read_latent_manifest(cfg.data.latent_shards_dir)["slab_filter"]
+    else:
+        slab_json = [fit_slab_filter_on_shards(cfg).to_json() if accelerator.is_main_process else None]
+        slab_json = broadcast_object_list(slab_json)[0]
+    slab_filter = SlabFilter.from_json(slab_json)
     spec = ResidualSpec(prior=cfg.diffusion.prior, factor=cfg.data.factor, residual_scale=1.0,
                         strength=cfg.diffusion.strength, num_train_timesteps=cfg.diffusion.num_train_timesteps,
                         slab_filter=slab_filter)
@@ -343,7 +353,7 @@ def _build_models(cfg: Config, device: torch.device, mixed_precision: str):
     # foreach: one fused update (and under ZeRO-3 one gather of all parameters instead of one per tensor).
     ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=cfg.train.ema_warmup, power=2 / 3,
                    foreach=True)
-    ema.to(device=device, dtype=torch.float32)
+    ema.to(device=accelerator.device, dtype=torch.float32)
     return unet, frozen_vae, noise_scheduler, sampler, spec, ema
 
 
@@ -381,12 +391,15 @@ def latent_train_urls(cfg: Config) -> list[str]:
     """The training split of data.latent_shards_dir, refused (ValueError naming the difference) when it was encoded
     with another VAE export than train.vae_export or other patch geometry, intensity window or prior."""
     if cfg.train.stage != "diffusion":
-        raise ValueError("data.latent_shards_dir is for the diffusion stage; the VAE stage trains on pixel shards")
+        raise ValueError("data.latent_shards_dir is for the diffusion stage; the VAE stage trains on pixel shards: "
+                         "unset it (--data.latent_shards_dir=\"\")")
     latent_dir = cfg.data.latent_shards_dir
     urls = latent_shard_urls(latent_dir, "train")
     values = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in MATCHED_SETTINGS}
+    pixel_manifest = Path(cfg.data.shards_dir) / "manifest.json"
+    source = sha256_of(pixel_manifest) if not cfg.data.val_urls and pixel_manifest.is_file() else None
     check_latent_manifest(read_latent_manifest(latent_dir), values=values, vae_sha256=vae_hash(cfg.train.vae_export),
-                          where=f"data.latent_shards_dir={latent_dir}")
+                          where=f"data.latent_shards_dir={latent_dir}", shards_manifest_sha256=source)
     return urls
 
 

@@ -108,6 +108,38 @@ def test_latent_samples_are_the_encoded_patches_the_pixel_loader_cuts(latent_dir
     assert seen == len(pixel)
 
 
+def test_augmented_patches_of_larger_volumes_are_the_seeded_crops_and_symmetries(built_shards, vae_export, tmp_path):
+    """Volumes larger than a patch with data.augment on: each latent patch is the encoding of the crop and in-plane
+    symmetry that `sample_patch_pairs` draws from the generator seeded by (--seed, key)."""
+    out = tmp_path / "augmented"
+    assert build_shards.main(["encode", str(built_shards), "--vae", str(vae_export), "--out", str(out), "--config",
+                              TINY, "--log_level=ERROR", "--patches_per_volume=4", "--seed=7"]) == 0
+    cfg = load_config(TINY)
+    assert cfg.data.augment and cfg.data.patch_size < 32
+    manifest = read_latent_manifest(out)
+    from ctld.baselines import SlabFilter
+
+    spec = ResidualSpec(prior=cfg.diffusion.prior, factor=5, residual_scale=1.0, strength=cfg.diffusion.strength,
+                        num_train_timesteps=1000, slab_filter=SlabFilter.from_json(manifest["slab_filter"]))
+    vae = load_export(vae_export).vae
+    pixel = {s["__key__"]: s for s in iter_samples(manifest_shards(built_shards, "train"))}
+    latent = [decode_latent_sample(r) for u in latent_shard_urls(out) for r in iter_raw_samples(u)]
+    assert {s["__key__"] for s in latent} == set(pixel)
+    distinct_crops = set()
+    for sample in latent:
+        source = pixel[sample["__key__"]]
+        pairs = sample_patch_pairs(source["thick"], source["thin"], factor=5, offset=source["offset"],
+                                   rng=encode_latents.patch_rng(7, sample["__key__"]), depth_thick=2, patch_size=16,
+                                   count=4, augment=True)
+        distinct_crops |= {(sample["__key__"], origin) for *_, origin in pairs}
+        thick = torch.from_numpy(hu_to_model(np.stack([p[0] for p in pairs]), -1024, 2048)).unsqueeze(1)
+        thin = torch.from_numpy(hu_to_model(np.stack([p[1] for p in pairs]), -1024, 2048)).unsqueeze(1)
+        target, prior = encode_pair(vae, spec, thick, thin)
+        torch.testing.assert_close(torch.from_numpy(sample["z_thin"].copy()), target, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(sample["z_prior"].copy()), prior, rtol=1e-5, atol=1e-5)
+    assert len(distinct_crops) > len(latent), "the crops must vary within a volume"
+
+
 def test_latent_loader_batches_and_splits_shards_over_ranks(latent_dir):
     cfg = load_config(TINY, ONE_PATCH)
     urls = latent_shard_urls(latent_dir)
@@ -160,17 +192,39 @@ def test_an_interrupted_encode_resumes_to_the_same_shards(latent_dir, one_patch_
 def test_encode_refuses_another_encode_in_its_output_and_bad_arguments(latent_dir, one_patch_shards, vae_export,
                                                                        tmp_path, capsys):
     assert _encode(one_patch_shards, vae_export, latent_dir, "--patches_per_volume=4") == 2
-    assert "encoded with another VAE or settings; pass --overwrite" in capsys.readouterr().err
+    assert "with another VAE or settings; pass --overwrite" in capsys.readouterr().err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    assert _encode(one_patch_shards, vae_export, tmp_path / "busy") == 2
-    assert "is not empty" in capsys.readouterr().err
+    assert _encode(one_patch_shards, vae_export, tmp_path / "busy", "--overwrite") == 2
+    assert "is not empty and holds no latent manifest; choose another --out" in capsys.readouterr().err
     assert _encode(tmp_path / "nothing", vae_export, tmp_path / "x") == 2
     assert "no shard manifest" in capsys.readouterr().err
+    # The pixel shards are never an output, not even with --overwrite.
+    pixel_tars = sorted(one_patch_shards.glob("*.tar"))
+    assert _encode(one_patch_shards, vae_export, one_patch_shards, "--overwrite") == 2
+    assert "is the pixel shard folder" in capsys.readouterr().err
+    copy = tmp_path / "pixel_copy"
+    shutil.copytree(one_patch_shards, copy)
+    assert _encode(one_patch_shards, vae_export, copy, "--overwrite") == 2
+    assert "not a latent encode's" in capsys.readouterr().err
+    assert sorted(one_patch_shards.glob("*.tar")) == pixel_tars and len(list(copy.glob("*.tar"))) == len(pixel_tars)
+
+
+def test_overwrite_replaces_only_what_the_earlier_encode_wrote(one_patch_shards, vae_export, tmp_path):
+    out = tmp_path / "latent"
+    assert _encode(one_patch_shards, vae_export, out, "--patches_per_volume=1") == 0
+    (out / "notes.txt").write_text("mine")
+    assert _encode(one_patch_shards, vae_export, out, "--patches_per_volume=2", "--overwrite") == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    manifest = read_latent_manifest(out)
+    assert manifest["settings"]["patches_per_volume"] == 2 and manifest["totals"]["patches"] == 2 * 5
 
 
 @pytest.mark.parametrize("change, message", [
     ("vae", "encoded with the VAE export"),
+    ("shards", "encoded from other pixel shards than data.shards_dir"),
+    ("--diffusion.slab_taps=3", "encoded with slab_taps=5 but diffusion.slab_taps=3"),
+    ("--data.augment=true", "encoded with augment=False but data.augment=True"),
     ("--data.patch_size=8", "encoded with patch_size=16 but data.patch_size=8"),
     ("--diffusion.prior=latent_cubic", "encoded with prior='encode_cubic' but diffusion.prior='latent_cubic'"),
 ])
@@ -179,9 +233,16 @@ def test_the_trainer_refuses_latent_shards_of_another_vae_or_config(latent_dir, 
     from ctld.train import main
 
     vae = _vae_export(tmp_path / "other_vae", seed=1) if change == "vae" else vae_export
-    argv = [TINY, *ONE_PATCH, f"--data.shards_dir={one_patch_shards}", f"--data.latent_shards_dir={latent_dir}",
+    shards = one_patch_shards
+    if change == "shards":  # another build of the shards: its manifest differs
+        shards = tmp_path / "rebuilt"
+        shutil.copytree(one_patch_shards, shards)
+        manifest = json.loads((shards / "manifest.json").read_text())
+        manifest["rebuilt"] = True
+        (shards / "manifest.json").write_text(json.dumps(manifest))
+    argv = [TINY, *ONE_PATCH, f"--data.shards_dir={shards}", f"--data.latent_shards_dir={latent_dir}",
             "--train.stage=diffusion", f"--train.vae_export={vae}", f"--train.output_dir={tmp_path}"]
-    if change != "vae":
+    if change.startswith("--"):
         argv.append(change)
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

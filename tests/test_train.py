@@ -286,17 +286,24 @@ def test_step_phase_timing_and_channels_last(tmp_path, data_overrides, vae_expor
 
 
 @pytest.mark.slow
-def test_a_compiled_model_trains_and_exports_plain_weights(tmp_path, data_overrides, vae_export):
-    """train.compile=true (inductor; minutes of compilation on CPU): the checkpoint and export hold the module's own
-    parameter names, so a run resumes or exports the same with compile on or off."""
-    _train_single([*data_overrides, *_stage_overrides("diffusion", vae_export), f"--train.output_dir={tmp_path}",
+@pytest.mark.parametrize("stage", ["vae", "diffusion"])
+def test_a_compiled_model_trains_and_exports_plain_weights(tmp_path, data_overrides, vae_export, stage):
+    """train.compile=true (inductor, in place; minutes of compilation on CPU): checkpoints and the export hold the
+    module's own parameter names (the VAE stage exports the trained weights themselves), so a run resumes or
+    exports the same with compile on or off."""
+    _train_single([*data_overrides, *_stage_overrides(stage, vae_export), f"--train.output_dir={tmp_path}",
                    "--train.run_name=compiled", "--train.compile=true", "--train.max_steps=2",
                    "--train.val_every=100", "--train.image_every=100"], tmp_path / "compiled.txt")
     checkpoint = load_file(str(list_checkpoints(tmp_path / "compiled")[-1][1] / "model.safetensors"))
     assert checkpoint and not any(key.startswith("_orig_mod") for key in checkpoint)
     from ctld.export import load_export
 
-    assert load_export(tmp_path / "compiled" / "export").unet is not None
+    export = load_export(tmp_path / "compiled" / "export")
+    if stage == "vae":  # the VAE export holds the trained weights themselves (a diffusion export, the EMA's)
+        for key, value in export.vae.state_dict().items():
+            torch.testing.assert_close(value, checkpoint[key], msg=f"exported {key} differs from the checkpoint's")
+    else:
+        assert export.unet is not None
 
 
 def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path, data_overrides):

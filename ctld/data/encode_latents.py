@@ -31,17 +31,17 @@ from ctld.baselines import SlabFilter
 from ctld.config import Config
 from ctld.data.latent_shards import DTYPES, FORMAT_VERSION, KIND, encode_latent_sample, read_latent_manifest
 from ctld.data.patches import sample_patch_pairs
+from ctld.data.shard_plan import TMP_PREFIX
 from ctld.data.shard_writer import atomic_json, sha256_of
 from ctld.data.shards import MANIFEST, decode_sample, manifest_shards, read_manifest
 from ctld.data.tar_reader import iter_raw_samples
 from ctld.data.transforms import hu_to_model
 from ctld.diffusion import ResidualSpec, encode_pair
+from ctld.distributed import resolve_mixed_precision
 from ctld.export import vae_hash
 from ctld.frozen_vae import load_frozen_vae
 
 logger = logging.getLogger(__name__)
-
-TMP_PREFIX = ".tmp-"
 
 
 def encode_settings(cfg: Config, *, patches_per_volume: int, seed: int, dtype: str, precision: str) -> dict[str, Any]:
@@ -55,6 +55,11 @@ def encode_settings(cfg: Config, *, patches_per_volume: int, seed: int, dtype: s
         "slab_fit_volumes": cfg.diffusion.slab_fit_volumes,
         "patches_per_volume": patches_per_volume, "seed": seed, "dtype": dtype, "precision": precision,
     }
+
+
+def patch_rng(seed: int, key: str) -> np.random.Generator:
+    """The generator of one sample's crops and symmetries: (--seed, the sample key), so reruns cut the same patches."""
+    return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")])
 
 
 def encode(shards_dir: Path, vae_export: Path, out_dir: Path, cfg: Config, *, patches_per_volume: int = 16,
@@ -71,15 +76,18 @@ def encode(shards_dir: Path, vae_export: Path, out_dir: Path, cfg: Config, *, pa
         raise ValueError(f"{shards_dir / MANIFEST} was built with factor {source['factor']} but data.factor is "
                          f"{cfg.data.factor}; pass --data.factor={source['factor']}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    precision = "bf16" if bf16 else "fp32"  # what the trainer's frozen VAE runs in (train.mixed_precision=auto)
-    vae = load_frozen_vae(str(vae_export), cfg.data, device, torch.bfloat16 if bf16 else torch.float32)
+    # The precision the trainer's frozen VAE runs in (train.mixed_precision; auto = bf16 on a bf16 GPU).
+    precision = resolve_mixed_precision(cfg.train.mixed_precision) if device.type == "cuda" else "no"
+    dtype_of = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    vae = load_frozen_vae(str(vae_export), cfg.data, device, dtype_of.get(precision, torch.float32))
     settings = encode_settings(cfg, patches_per_volume=patches_per_volume, seed=seed, dtype=dtype,
                                precision=precision)
     shards = [(split, path) for split in splits for path in manifest_shards(shards_dir, split, source)]
     if not shards:
         raise ValueError(f"{shards_dir / MANIFEST} lists no shards of the splits {list(splits)}")
-    manifest = _start_or_resume(out_dir, vae_export, settings, splits, overwrite,
+    if out_dir.resolve() == shards_dir.resolve():
+        raise ValueError(f"--out {out_dir} is the pixel shard folder; write latent shards to a folder of their own")
+    manifest = _start_or_resume(out_dir, vae_export, settings, splits, overwrite, sha256_of(shards_dir / MANIFEST),
                                 fit_slab_filter=lambda: _fit_slab_filter(cfg, shards_dir))
     spec = ResidualSpec(prior=cfg.diffusion.prior, factor=cfg.data.factor, residual_scale=1.0,
                         strength=cfg.diffusion.strength, num_train_timesteps=cfg.diffusion.num_train_timesteps,
@@ -118,29 +126,38 @@ def _fit_slab_filter(cfg: Config, shards_dir: Path) -> dict[str, Any]:
     return fit_slab_filter_on_shards(dataclasses.replace(cfg, data=data)).to_json()
 
 
-def _start_or_resume(out_dir: Path, vae_export: Path, settings: dict, splits, overwrite: bool,
+def _start_or_resume(out_dir: Path, vae_export: Path, settings: dict, splits, overwrite: bool, source_sha256: str,
                      fit_slab_filter: Callable[[], dict]) -> dict[str, Any]:
-    """The manifest to continue: the one in `out_dir` when it was started with the same VAE and settings, else a
-    new one (an `out_dir` holding anything else is refused without --overwrite)."""
+    """The manifest to continue: the one in `out_dir` when it was started from the same pixel shards (their
+    manifest's sha256), VAE and settings, else a new one. --overwrite replaces only an earlier latent encode; a
+    folder holding anything else is refused."""
     vae_sha256 = vae_hash(vae_export)
-    if (out_dir / MANIFEST).is_file() and not overwrite:
-        old = read_latent_manifest(out_dir)
-        same = old.get("vae_sha256") == vae_sha256 and old.get("settings") == settings and old.get(
-            "splits") == list(splits)
+    old = None
+    if (out_dir / MANIFEST).is_file():
+        try:
+            old = read_latent_manifest(out_dir)
+        except ValueError as error:
+            raise ValueError(f"--out {out_dir} holds a manifest.json that is not a latent encode's ({error}); choose "
+                             "another --out") from None
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"--out {out_dir} is not empty and holds no latent manifest; choose another --out")
+    if old is not None and not overwrite:
+        same = (old.get("vae_sha256"), old.get("settings"), old.get("splits"), old.get("source_manifest_sha256")) == (
+            vae_sha256, settings, list(splits), source_sha256)
         if not same:
-            raise ValueError(f"{out_dir} holds latent shards encoded with another VAE or settings; pass --overwrite "
-                             "to replace them, or another --out")
+            raise ValueError(f"{out_dir} holds latent shards encoded from other shards or with another VAE or "
+                             "settings; pass --overwrite to replace them, or another --out")
         listed = [entry for entry in old["shards"] if (out_dir / entry["name"]).is_file()]
         logger.info("resuming the encode in %s: %d shards done", out_dir, len(listed))
         return {**old, "shards": listed, "status": "incomplete"}
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"{out_dir} is not empty and holds no latent manifest; pass --overwrite or another --out")
     fresh = {"kind": KIND, "format_version": FORMAT_VERSION, "status": "incomplete", "vae_export": str(vae_export),
-             "vae_sha256": vae_sha256, "settings": settings, "splits": list(splits), "shards": [],
-             "slab_filter": fit_slab_filter()}
+             "vae_sha256": vae_sha256, "source_manifest_sha256": source_sha256, "settings": settings,
+             "splits": list(splits), "shards": [], "slab_filter": fit_slab_filter()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for stale in list(out_dir.glob("*.tar")) + list(out_dir.glob(f"{TMP_PREFIX}*")):
+    if old is not None:  # --overwrite: only what the earlier encode wrote
+        for entry in old["shards"]:
+            (out_dir / entry["name"]).unlink(missing_ok=True)
+        for stale in out_dir.glob(f"{TMP_PREFIX}*"):
             stale.unlink()
     atomic_json(out_dir / MANIFEST, fresh)
     return fresh
@@ -198,8 +215,7 @@ def _encode_sample(sample: dict, vae, spec: ResidualSpec, cfg: Config, settings:
                    device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
     """(z_thin, z_prior) (N, C, D, h, w) of the sample's patches, or None when the volume holds no patch."""
     data = cfg.data
-    key_hash = int.from_bytes(hashlib.sha256(sample["__key__"].encode()).digest()[:8], "little")
-    rng = np.random.default_rng([settings["seed"], key_hash])
+    rng = patch_rng(settings["seed"], sample["__key__"])
     pairs = sample_patch_pairs(
         sample["thick"], sample["thin"], factor=sample["factor"], offset=sample["offset"], rng=rng,
         depth_thick=data.depth_thick, patch_size=data.patch_size, count=settings["patches_per_volume"],

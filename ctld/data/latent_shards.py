@@ -43,6 +43,11 @@ MATCHED_SETTINGS = {
     "data.hu_min": "hu_min",
     "data.hu_max": "hu_max",
     "diffusion.prior": "prior",
+    "diffusion.slab_taps": "slab_taps",
+    "diffusion.slab_fit_volumes": "slab_fit_volumes",
+    "data.augment": "augment",
+    "data.min_foreground_fraction": "min_foreground_fraction",
+    "data.small_volume": "small_volume",
 }
 
 
@@ -111,9 +116,19 @@ def latent_shard_urls(latent_dir: str | Path, split: str = "train") -> list[str]
     return urls
 
 
-def check_latent_manifest(manifest: dict[str, Any], *, values: dict[str, Any], vae_sha256: str, where: str) -> None:
-    """Refuse latent shards encoded with another VAE or other patch/prior settings than the run's, naming the
+def check_latent_manifest(manifest: dict[str, Any], *, values: dict[str, Any], vae_sha256: str, where: str,
+                          shards_manifest_sha256: str | None = None) -> None:
+    """Refuse latent shards encoded with another VAE, from other pixel shards than the run's data.shards_dir (the
+    sha256 of its manifest, when the run has one) or with other patch/prior settings than the run's, naming the
     difference. `values`: config key (MATCHED_SETTINGS) -> the run's value."""
+    recorded_source = manifest.get("source_manifest_sha256")
+    if shards_manifest_sha256 is not None and recorded_source != shards_manifest_sha256:
+        raise ValueError(
+            f"{where} was encoded from other pixel shards than data.shards_dir (manifest sha256 "
+            f"{str(recorded_source)[:12]}... vs {shards_manifest_sha256[:12]}...): validation would not be held out "
+            "from the latent training set; re-encode these shards with `ctld-shards encode`, or point "
+            "data.shards_dir at the shards the latent ones came from"
+        )
     if manifest.get("vae_sha256") != vae_sha256:
         raise ValueError(
             f"{where} was encoded with the VAE export {manifest.get('vae_export')!r} (sha256 "
@@ -123,8 +138,8 @@ def check_latent_manifest(manifest: dict[str, Any], *, values: dict[str, Any], v
     settings = manifest.get("settings", {})
     for config_key, manifest_key in MATCHED_SETTINGS.items():
         recorded, wanted = settings.get(manifest_key), values[config_key]
-        same = (float(recorded) == float(wanted)) if isinstance(wanted, int | float) and recorded is not None \
-            else recorded == wanted
+        numeric = isinstance(wanted, int | float) and not isinstance(wanted, bool) and recorded is not None
+        same = float(recorded) == float(wanted) if numeric else recorded == wanted
         if not same:
             raise ValueError(f"{where} was encoded with {manifest_key}={recorded!r} but {config_key}={wanted!r}; "
                              f"pass --{config_key}={recorded} or re-encode with this config")

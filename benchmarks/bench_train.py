@@ -313,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [*base_overrides, f"--data.train_urls={'::'.join(train_urls)}",
                      f"--data.val_urls={train_urls[0]}"]  # validation is off; the trainer still resolves val URLs
         if "vae" in stages:
-            results["vae"] = run_training("bench_vae", "vae", config, overrides, work, steps=args.steps,
-                                          warmup=args.warmup)
+            results["vae"] = run_training("bench_vae", "vae", config, [*overrides, "--train.time_phases=true"], work,
+                                          steps=args.steps, warmup=args.warmup)
             if device.type == "cuda":
                 add_mfu(results["vae"], cfg, "vae", device, args.peak_tflops, with_encode=False)
             checkpoint()

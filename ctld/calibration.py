@@ -14,8 +14,8 @@ from accelerate.logging import get_logger
 from ctld.baselines import SlabFilter, fit_slab_filter
 from ctld.config import Config
 from ctld.data.latent_shards import latent_shard_urls
-from ctld.data.loader import iter_covered_pairs, make_patch_loader
-from ctld.data.shards import shard_urls
+from ctld.data.loader import make_patch_loader
+from ctld.data.shards import iter_covered_pairs, shard_urls
 from ctld.diffusion import ResidualSpec, encode_pair
 from ctld.distributed import std_over_ranks
 from ctld.validation import VAL_SEED

@@ -293,25 +293,6 @@ def write_report(out: Path, doc: dict) -> None:
     tmp.replace(out / "report.md")
 
 
-def card_entry(doc: dict, settings_line: str) -> dict:
-    """A model card's record of this evaluation: counts, the mean rows exactly as in metrics.json, the settings and
-    protocol; no case names (salted hashes, but the card travels further than a report)."""
-    from collections import Counter
-
-    from ctld.run_info import git_commit
-
-    return {
-        "cases": len(doc["cases"]),
-        "scored_thin_slices": int(sum(case.get("scored_thin_slices", 0) for case in doc["cases"])),
-        "thick_source": dict(Counter(case["thick_source"] for case in doc["cases"])),
-        "mean": doc["mean"],
-        "settings": doc["settings"],
-        "settings_line": settings_line,
-        "protocol": doc["protocol"],
-        "ctld_git_commit": git_commit(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctld-eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -452,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"mode": mode, "protocol": protocol, "settings": settings, **result}
     write_report(out, doc)
     if args.add_to_card:
-        add_evaluation(export_dir, args.add_to_card, card_entry(doc, settings_line))
+        add_evaluation(export_dir, args.add_to_card, doc, settings_line)
         print(f"recorded in {Path(export_dir) / 'README.md'} as {args.add_to_card!r}")
     print(json.dumps({"mean": doc["mean"], "report": str(out / "report.md")}, indent=2))
     return 0

@@ -2,7 +2,7 @@
 
     card = training_card(meta=meta, run=run, data=data_summary(manifest), validation=..., config=..., ...)
     write_card(export_dir, card)                                  # both files, each replaced atomically
-    add_evaluation(export_dir, "held-out phantom study", entry)   # ctld-eval --add_to_card NAME
+    add_evaluation(export_dir, "held-out phantom study", report, line)   # ctld-eval --add_to_card NAME
 
 The card holds aggregates only (counts, ranges, scores): no sample key, case id or series id. Scores are copied
 from the runs that measured them (the final validation of training, `ctld-eval`), never typed in.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,23 @@ def write_card(directory: str | Path, card: dict[str, Any]) -> None:
         tmp.replace(directory / name)
 
 
-def add_evaluation(directory: str | Path, name: str, entry: dict[str, Any]) -> None:
-    """Record an evaluation (`ctld-eval --add_to_card NAME`) in the export's card; the same NAME is replaced."""
+def add_evaluation(directory: str | Path, name: str, report: dict[str, Any], settings_line: str) -> None:
+    """Record a `ctld-eval` report (its metrics.json document) in the export's card under NAME (`--add_to_card`;
+    the same NAME is replaced): counts, the mean rows exactly as in metrics.json, the settings and protocol; no case
+    names (salted hashes, but the card travels further than a report)."""
+    from ctld.run_info import git_commit
+
+    cases = report["cases"]
+    entry = {
+        "cases": len(cases),
+        "scored_thin_slices": int(sum(case.get("scored_thin_slices", 0) for case in cases)),
+        "thick_source": dict(Counter(case["thick_source"] for case in cases)),
+        "mean": report["mean"],
+        "settings": report["settings"],
+        "settings_line": settings_line,
+        "protocol": report["protocol"],
+        "ctld_git_commit": git_commit(),
+    }
     card = read_card(directory)
     card.setdefault("evaluations", {})[name] = entry
     write_card(directory, card)

@@ -17,7 +17,6 @@ from ctld.config import Config, config_to_dict
 from ctld.data.domain import data_summary, training_domain
 from ctld.data.shards import manifest_training_grid, read_manifest, shard_urls
 from ctld.data.train_stream import TrainStream
-from ctld.diffusion import build_sampler
 from ctld.export import EXPORT_VERSION, save_export, vae_hash
 from ctld.infer_settings import recorded_settings
 from ctld.metrics import WINDOWS
@@ -30,18 +29,19 @@ from ctld.validation import score_rows, validate
 logger = get_logger(__name__)
 
 
-def export_run(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, frozen_vae, noise_scheduler, spec,
-               ema, train_stream: TrainStream, step: int) -> None:
+def export_run(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, frozen_vae, noise_scheduler, sampler,
+               spec, ema, train_stream: TrainStream, step: int, validated: dict | None = None) -> None:
     """run_dir/export: what inference needs (VAE; for the diffusion stage also the EMA U-Net and scheduler), the
-    inference settings to use, the training domain and the model card. Every rank calls it (collectives inside)."""
+    inference settings to use, the training domain and the model card. Every rank calls it (collectives inside).
+    `validated`: the metrics of a validation the loop ran at this step (same weights), so it is not run twice."""
     state_dict, scaling_factor = None, None
     if cfg.train.stage == "vae":  # (the diffusion stage exports the EMA weights, which every rank holds whole)
         state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank calls it
     if cfg.train.stage == "vae" and cfg.train.scale_batches > 0:
         scaling_factor = estimate_scaling_factor(accelerator, model, train_stream, cfg, step)
     # The model card's scores: one validation of the exported weights (on every rank: it is a collective).
-    validation = _final_validation(accelerator, cfg, model=model, frozen_vae=frozen_vae,
-                                   noise_scheduler=noise_scheduler, spec=spec, ema=ema, step=step)
+    validation = _final_validation(accelerator, cfg, model=model, frozen_vae=frozen_vae, sampler=sampler, spec=spec,
+                                   ema=ema, step=step, metrics=validated)
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
@@ -79,18 +79,19 @@ def export_run(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, f
     accelerator.wait_for_everyone()
 
 
-def _final_validation(accelerator: Accelerator, cfg: Config, *, model, frozen_vae, noise_scheduler, spec, ema,
-                      step: int) -> dict | None:
+def _final_validation(accelerator: Accelerator, cfg: Config, *, model, frozen_vae, sampler, spec, ema, step: int,
+                      metrics: dict | None) -> dict | None:
     """{"step", "patches", "protocol", "rows"} of a validation of the weights being exported (EMA for the U-Net),
-    with the baseline rows, for the model card; None without a validation split."""
+    with the baseline rows, for the model card (`metrics` when the loop validated this step, else run now); None
+    without a validation split."""
     try:
         val_urls = shard_urls(cfg.data, "val")
     except (ValueError, FileNotFoundError):
         return None
-    sampler = build_sampler(cfg.diffusion.sampler, noise_scheduler.config) if noise_scheduler is not None else None
-    metrics = validate(accelerator, cfg, model=model, frozen_vae=frozen_vae, sampler=sampler, spec=spec, ema=ema,
-                       val_urls=val_urls, step=step, model_dtype=next(model.parameters()).dtype, log_metrics=False,
-                       log_images=False)
+    if metrics is None:
+        metrics = validate(accelerator, cfg, model=model, frozen_vae=frozen_vae, sampler=sampler, spec=spec, ema=ema,
+                           val_urls=val_urls, step=step, model_dtype=next(model.parameters()).dtype,
+                           log_metrics=False, log_images=False)
     windows = ", ".join(f"{name} [{lo:g}, {hi:g}] HU" for name, (lo, hi) in WINDOWS.items())
     protocol = f"PSNR/SSIM after mapping HU to [0, 1] in the {windows} windows (ctld.metrics)"
     if cfg.train.stage == "diffusion":

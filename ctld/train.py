@@ -60,7 +60,7 @@ from ctld.checkpointing import (
 )
 from ctld.config import Config, ConfigError, flatten_config, load_config, save_config
 from ctld.config_checks import check
-from ctld.data.latent_shards import MATCHED_SETTINGS, check_latent_manifest, latent_shard_urls, read_latent_manifest
+from ctld.data.latent_shards import check_latent_manifest, latent_shard_urls, read_latent_manifest
 from ctld.data.shard_writer import sha256_of
 from ctld.data.shards import shard_urls
 from ctld.data.train_stream import TrainStream
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
         check(cfg)
         if cfg.data.latent_shards_dir:
-            latent_train_urls(cfg)  # refuse latent shards of another VAE or config before any process starts work
+            check_latent_shards(cfg)  # refuse latent shards of another VAE or config before any process starts work
     except (ConfigError, FileNotFoundError, ValueError) as error:
         # One line from the first rank, not a traceback from every rank; exit 2 on all of them.
         if os.environ.get("RANK", "0") == "0":
@@ -173,8 +173,9 @@ def train(cfg: Config) -> None:
 
     # Data: never through `prepare` (it would split the rank's stream again); each rank reads its own shards.
     latent = bool(cfg.data.latent_shards_dir)
-    train_stream = TrainStream(latent_train_urls(cfg) if latent else shard_urls(cfg.data, "train"), cfg, accelerator,
-                               latent=latent)
+    # (latent shards were checked against the VAE export and config in main, before the processes started work)
+    urls = latent_shard_urls(cfg.data.latent_shards_dir) if latent else shard_urls(cfg.data, "train")
+    train_stream = TrainStream(urls, cfg, accelerator, latent=latent)
     train_stream.open(step)
     try:
         val_urls = shard_urls(cfg.data, "val")
@@ -183,6 +184,7 @@ def train(cfg: Config) -> None:
         val_urls = []
 
     nonfinite_in_row = 0
+    validated: tuple[int, dict] | None = None
     meter = LogMeter(device, cfg.train.time_phases)
     progress = tqdm(total=last_step, initial=step, desc=f"{stage} steps", disable=not accelerator.is_local_main_process)
     model.train()
@@ -282,9 +284,10 @@ def train(cfg: Config) -> None:
         val_due = stepped and step % cfg.train.val_every == 0
         images_due = stepped and step % cfg.train.image_every == 0
         if (val_due or images_due) and val_urls:
-            validate(accelerator, cfg, model=model, frozen_vae=frozen_vae, sampler=sampler, spec=spec, ema=ema,
-                      val_urls=val_urls, step=step, model_dtype=model_dtype, log_metrics=val_due,
-                      log_images=images_due)
+            metrics = validate(accelerator, cfg, model=model, frozen_vae=frozen_vae, sampler=sampler, spec=spec,
+                               ema=ema, val_urls=val_urls, step=step, model_dtype=model_dtype, log_metrics=val_due,
+                               log_images=images_due)
+            validated = (step, metrics)  # the export's model card reuses a validation of its final step
             model.train()
 
         if stop_now:
@@ -305,7 +308,8 @@ def train(cfg: Config) -> None:
         logger.info(f"stopping at step {step} on {stopped_by}; resume with --train.resume=latest")
     elif step >= cfg.train.max_steps:
         export_run(accelerator, cfg, run_dir, model=model, frozen_vae=frozen_vae, noise_scheduler=noise_scheduler,
-                   spec=spec, ema=ema, train_stream=train_stream, step=step)
+                   sampler=sampler, spec=spec, ema=ema, train_stream=train_stream, step=step,
+                   validated=validated[1] if validated is not None and validated[0] == step else None)
     else:
         logger.info(f"stopped at step {step} of {cfg.train.max_steps} (train.steps_per_launch); resume with "
                     "--train.resume=latest")
@@ -381,20 +385,19 @@ def _unet_loss(unet, vae, noise_scheduler, spec: ResidualSpec, batch, cfg: Confi
                                   min_snr_gamma=cfg.diffusion.min_snr_gamma)
 
 
-def latent_train_urls(cfg: Config) -> list[str]:
-    """The training split of data.latent_shards_dir, refused (ValueError naming the difference) when it was encoded
-    with another VAE export than train.vae_export or other patch geometry, intensity window or prior."""
+def check_latent_shards(cfg: Config) -> None:
+    """ValueError naming the difference when data.latent_shards_dir is unfinished, has no training split, or was
+    encoded with another VAE export than train.vae_export, from other pixel shards, or with other patch, crop,
+    augmentation, intensity or prior settings."""
     if cfg.train.stage != "diffusion":
         raise ValueError("data.latent_shards_dir is for the diffusion stage; the VAE stage trains on pixel shards: "
                          "unset it (--data.latent_shards_dir=\"\")")
     latent_dir = cfg.data.latent_shards_dir
-    urls = latent_shard_urls(latent_dir, "train")
-    values = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in MATCHED_SETTINGS}
+    latent_shard_urls(latent_dir, "train")  # refuses an unfinished encode or one without a training split
     pixel_manifest = Path(cfg.data.shards_dir) / "manifest.json"
     source = sha256_of(pixel_manifest) if not cfg.data.val_urls and pixel_manifest.is_file() else None
-    check_latent_manifest(read_latent_manifest(latent_dir), values=values, vae_sha256=vae_hash(cfg.train.vae_export),
+    check_latent_manifest(read_latent_manifest(latent_dir), cfg, vae_sha256=vae_hash(cfg.train.vae_export),
                           where=f"data.latent_shards_dir={latent_dir}", shards_manifest_sha256=source)
-    return urls
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -111,6 +111,14 @@ def test_the_card_holds_the_aggregates_scores_and_provenance(trained):
     rows = card["validation"]["rows"]
     assert list(rows) == ["nearest", "linear", "cubic", "slab_filter", "ctld_regression", "ctld_diffusion"]
     assert all(np.isfinite(values["psnr_wide"]) for values in rows.values())
+    # The loop validated the final step (val_every 2 = max_steps): the card holds that validation, not a rerun.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained["out"] / "diffusion" / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = events.Scalars("val/regression_psnr_wide")[-1]
+    assert card["validation"]["step"] == logged.step == 2
+    assert rows["ctld_regression"]["psnr_wide"] == pytest.approx(logged.value, rel=1e-6)
     assert card["provenance"]["vae_export_sha256"] == vae_hash(trained["vae"]) == card["vae"]["sha256"]
     assert card["provenance"]["config"]["infer"]["seed"] == 7
     assert card["inference_settings"]["mode"] == "diffusion"

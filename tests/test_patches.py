@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from ctld.data.geometry import covered_pair
-from ctld.data.loader import collate_patches
 from ctld.data.patches import (
     AIR_HU,
     DIHEDRAL,
     augment_pair,
+    collate_patches,
     crop_with_fill,
     dihedral,
     extract_patch_pair,

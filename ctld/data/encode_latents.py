@@ -29,7 +29,14 @@ import webdataset as wds
 
 from ctld.baselines import SlabFilter
 from ctld.config import Config
-from ctld.data.latent_shards import DTYPES, FORMAT_VERSION, KIND, encode_latent_sample, read_latent_manifest
+from ctld.data.latent_shards import (
+    DTYPES,
+    FORMAT_VERSION,
+    KIND,
+    encode_latent_sample,
+    matched_settings,
+    read_latent_manifest,
+)
 from ctld.data.patches import sample_patch_pairs
 from ctld.data.shard_plan import TMP_PREFIX
 from ctld.data.shard_writer import atomic_json, sha256_of
@@ -45,16 +52,10 @@ logger = logging.getLogger(__name__)
 
 
 def encode_settings(cfg: Config, *, patches_per_volume: int, seed: int, dtype: str, precision: str) -> dict[str, Any]:
-    """What the latent patches depend on besides the VAE; a resumed encode must match them exactly."""
-    data = cfg.data
-    return {
-        "factor": data.factor, "depth_thick": data.depth_thick, "patch_size": data.patch_size,
-        "hu_min": data.hu_min, "hu_max": data.hu_max, "augment": data.augment,
-        "min_foreground_fraction": data.min_foreground_fraction, "small_volume": data.small_volume,
-        "prior": cfg.diffusion.prior, "slab_taps": cfg.diffusion.slab_taps,
-        "slab_fit_volumes": cfg.diffusion.slab_fit_volumes,
-        "patches_per_volume": patches_per_volume, "seed": seed, "dtype": dtype, "precision": precision,
-    }
+    """What the latent patches depend on besides the VAE; a resumed encode must match them exactly. The config's
+    part (`matched_settings`) is what the trainer compares."""
+    return {**matched_settings(cfg), "patches_per_volume": patches_per_volume, "seed": seed, "dtype": dtype,
+            "precision": precision}
 
 
 def patch_rng(seed: int, key: str) -> np.random.Generator:

@@ -116,11 +116,17 @@ def latent_shard_urls(latent_dir: str | Path, split: str = "train") -> list[str]
     return urls
 
 
-def check_latent_manifest(manifest: dict[str, Any], *, values: dict[str, Any], vae_sha256: str, where: str,
+def matched_settings(cfg) -> dict[str, Any]:
+    """The MATCHED_SETTINGS of a Config, by their manifest names: what `ctld-shards encode` records and the trainer
+    compares."""
+    return {name: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key, name in MATCHED_SETTINGS.items()}
+
+
+def check_latent_manifest(manifest: dict[str, Any], cfg, *, vae_sha256: str, where: str,
                           shards_manifest_sha256: str | None = None) -> None:
     """Refuse latent shards encoded with another VAE, from other pixel shards than the run's data.shards_dir (the
-    sha256 of its manifest, when the run has one) or with other patch/prior settings than the run's, naming the
-    difference. `values`: config key (MATCHED_SETTINGS) -> the run's value."""
+    sha256 of its manifest, when the run has one) or with other patch/prior settings than the run's Config `cfg`,
+    naming the difference."""
     recorded_source = manifest.get("source_manifest_sha256")
     if shards_manifest_sha256 is not None and recorded_source != shards_manifest_sha256:
         raise ValueError(
@@ -135,9 +141,9 @@ def check_latent_manifest(manifest: dict[str, Any], *, values: dict[str, Any], v
             f"{str(manifest.get('vae_sha256'))[:12]}...), not train.vae_export (sha256 {vae_sha256[:12]}...); "
             "re-encode with `ctld-shards encode --vae <train.vae_export> ...` or train with that VAE"
         )
-    settings = manifest.get("settings", {})
+    settings, values = manifest.get("settings", {}), matched_settings(cfg)
     for config_key, manifest_key in MATCHED_SETTINGS.items():
-        recorded, wanted = settings.get(manifest_key), values[config_key]
+        recorded, wanted = settings.get(manifest_key), values[manifest_key]
         numeric = isinstance(wanted, int | float) and not isinstance(wanted, bool) and recorded is not None
         same = float(recorded) == float(wanted) if numeric else recorded == wanted
         if not same:

@@ -54,10 +54,9 @@ from ctld.config_checks import check_data
 from ctld.data.geometry import covered_pair
 from ctld.data.latent_patches import collate_latents, sample_latent_patches
 from ctld.data.latent_shards import decode_latent_sample
-from ctld.data.patches import fits_patch, sample_patch_pairs_d
-from ctld.data.shards import decode_sample, iter_samples
+from ctld.data.patches import collate_patches, fits_patch, sample_patch_pairs_d
+from ctld.data.shards import decode_sample
 from ctld.data.tar_reader import iter_raw_samples
-from ctld.data.transforms import hu_to_model
 
 # Not accelerate's get_logger: this code also runs in DataLoader workers and without an Accelerator
 # (benchmarks), and a damaged shard must be reported by whichever rank reads it, not only the main one.
@@ -74,44 +73,6 @@ _WARN_FIRST = 5
 _WARN_EVERY = 100
 # Seed stage tags: each random stage gets its own generator, so adding draws in one leaves the others alone.
 _STAGE_SHARDS, _STAGE_PATCHES, _STAGE_SHUFFLE, _STAGE_MIX = 1, 2, 3, 4
-
-
-def iter_covered_pairs(urls: list[str], factor: int, max_samples: int = 0):
-    """(key, thick, thin) of each sample of `urls`, in order, cut to the thick slices whose whole thin slab exists
-    (`covered_pair`: thin row k*factor + i is phase i of thick slice k). For whole-volume statistics such as the
-    slab filter fit; a sample of another factor is an error (the shards do not fit the model), a damaged shard is
-    warned about by name and the rest of it skipped (as the training stream does)."""
-    seen = 0
-    for url in urls:
-        try:
-            for sample in iter_samples([url]):
-                if sample["factor"] != factor:
-                    raise _FactorMismatch(f"sample {sample['__key__']!r} in {sample['__url__']} has factor "
-                                          f"{sample['factor']}, the model {factor}")
-                thick, thin = covered_pair(sample["thick"], sample["thin"], factor=factor, offset=sample["offset"])
-                yield sample["__key__"], thick, thin
-                seen += 1
-                if max_samples and seen >= max_samples:
-                    return
-        except _FactorMismatch as error:
-            raise ValueError(str(error)) from None
-        except Exception as error:  # noqa: BLE001 - any read failure of one shard is reported, not fatal
-            logger.warning("skipping the rest of shard %s: %r", url, error)
-
-
-class _FactorMismatch(Exception):
-    """A sample of another factor: an error of the whole shard set, not of one shard."""
-
-
-def collate_patches(patches: list[dict[str, Any]], *, hu_min: float, hu_max: float) -> dict[str, Any]:
-    """Patch dicts (int16 HU) -> {"thick": (B, 1, Dk, P, P), "thin": (B, 1, Dk*f, P, P) float32 in [-1, 1], "key"}."""
-    thick = hu_to_model(np.stack([p["thick"] for p in patches]), hu_min, hu_max)
-    thin = hu_to_model(np.stack([p["thin"] for p in patches]), hu_min, hu_max)
-    return {
-        "thick": torch.from_numpy(thick).unsqueeze(1),  # (B, 1, Dk, P, P)
-        "thin": torch.from_numpy(thin).unsqueeze(1),  # (B, 1, Dk * factor, P, P)
-        "key": [p["__key__"] for p in patches],
-    }
 
 
 class _StreamState:

@@ -1,5 +1,6 @@
 """Aligned thick/thin patch sampling and augmentation: pure array functions plus thin sample-dict wrappers
-(MONAI's array.py / dictionary.py split). The loader (ctld/data/loader.py) streams shards through these.
+(MONAI's array.py / dictionary.py split), and `collate_patches`, which stacks patches into a batch. The loader
+(ctld/data/loader.py) streams shards through these.
 
 Alignment (docs/DESIGN.md, Thick/thin alignment): thick slice k covers thin slices [offset + k*f, offset + (k+1)*f).
 `covered_pair` (ctld/data/geometry.py) first cuts both volumes to the thick slices whose thin slab lies fully
@@ -17,8 +18,10 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from ctld.data.geometry import covered_pair
+from ctld.data.transforms import hu_to_model
 
 AIR_HU = -1024  # fill value for padding (docs/DESIGN.md, Intensities: hu_min maps air to -1)
 # A voxel counts as foreground above this. Air reads about -1000 +- noise; lung parenchyma about -850 to
@@ -209,3 +212,14 @@ def sample_patch_pairs_d(sample: dict[str, Any], *, rng: np.random.Generator, **
     return [
         {"__key__": sample["__key__"], "thick": thick, "thin": thin, "origin": origin} for thick, thin, origin in pairs
     ]
+
+
+def collate_patches(patches: list[dict[str, Any]], *, hu_min: float, hu_max: float) -> dict[str, Any]:
+    """Patch dicts (int16 HU) -> {"thick": (B, 1, Dk, P, P), "thin": (B, 1, Dk*f, P, P) float32 in [-1, 1], "key"}."""
+    thick = hu_to_model(np.stack([p["thick"] for p in patches]), hu_min, hu_max)
+    thin = hu_to_model(np.stack([p["thin"] for p in patches]), hu_min, hu_max)
+    return {
+        "thick": torch.from_numpy(thick).unsqueeze(1),  # (B, 1, Dk, P, P)
+        "thin": torch.from_numpy(thin).unsqueeze(1),  # (B, 1, Dk * factor, P, P)
+        "key": [p["__key__"] for p in patches],
+    }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,10 @@ import numpy as np
 import webdataset as wds
 
 from ctld.config import DataConfig
+from ctld.data.geometry import covered_pair
 from ctld.data.tar_reader import iter_raw_samples
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -80,6 +84,33 @@ def iter_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
                 yield decode_sample(raw)
             except ValueError as error:
                 raise ValueError(f"sample {raw.get('__key__')!r} in {url}: {error}") from error
+
+
+def iter_covered_pairs(urls: list[str], factor: int, max_samples: int = 0):
+    """(key, thick, thin) of each sample of `urls`, in order, cut to the thick slices whose whole thin slab exists
+    (`covered_pair`: thin row k*factor + i is phase i of thick slice k). For whole-volume statistics such as the
+    slab filter fit; a sample of another factor is an error (the shards do not fit the model), a damaged shard is
+    warned about by name and the rest of it skipped (as the training stream does)."""
+    seen = 0
+    for url in urls:
+        try:
+            for sample in iter_samples([url]):
+                if sample["factor"] != factor:
+                    raise _FactorMismatch(f"sample {sample['__key__']!r} in {sample['__url__']} has factor "
+                                          f"{sample['factor']}, the model {factor}")
+                thick, thin = covered_pair(sample["thick"], sample["thin"], factor=factor, offset=sample["offset"])
+                yield sample["__key__"], thick, thin
+                seen += 1
+                if max_samples and seen >= max_samples:
+                    return
+        except _FactorMismatch as error:
+            raise ValueError(str(error)) from None
+        except Exception as error:  # noqa: BLE001 - any read failure of one shard is reported, not fatal
+            logger.warning("skipping the rest of shard %s: %r", url, error)
+
+
+class _FactorMismatch(Exception):
+    """A sample of another factor: an error of the whole shard set, not of one shard."""
 
 
 def read_manifest(shards_dir: str | Path) -> dict[str, Any]:

@@ -258,7 +258,8 @@ def _tiling_check(case: Case, name: str, predict, thin_hu: np.ndarray, run: dict
     statistics, edges) shows it here; interpolation gives 100 (identical)."""
     window_depth, tile, _ = resolve_window(predict, case.thick_hu.shape, depth_thick=run["depth_thick"],
                                            patch_size=run["patch_size"], batch_size=cfg.batch_size,
-                                           depth_context=cfg.depth_context, window_depth=cfg.window_depth,
+                                           depth_context=cfg.depth_context, depth_overlap=cfg.depth_overlap,
+                                           window_depth=cfg.window_depth,
                                            tile_size=cfg.tile_size)
     shift = (max(1, window_depth // 2), tile // 2, tile // 2)
     shifted = interpolate_at_spacing(case.thick_hu, predict, grid_shift=shift, **run)

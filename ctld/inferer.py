@@ -18,8 +18,10 @@ ctld/predictors.py, reading and writing series in ctld/series_io.py, the CLI in 
 - memory: the output volume is accumulated in place, windows are made batch by batch; nothing else scales
   with the series length.
 - window size: a model without per-sample statistics (norm_type "layer", no attention) is fully convolutional, so
-  `auto_window` gives it windows far larger than its training patch (whole 512-pixel slices, 16 thick slices):
-  fewer windows, fewer edges, less overlap recomputed. A GroupNorm or attention model keeps its training patch.
+  `resolve_window` gives it windows far larger than its training patch (whole slices up to 512 pixels, up to 32
+  thick slices): fewer windows, fewer edges, less context recomputed. A GroupNorm or attention model keeps its
+  training patch. Windows start in phase with the model's strides (`stride_periods`), since a strided network is
+  shift-equivariant only by multiples of its strides.
 - HU beyond the model's window: the model sees and returns [hu_min, hu_max]. Where the linear interpolation of the
   input lies outside that window (padding such as -3024 or -2000, metal, dense contrast), the thin series carries
   that interpolation instead: the model knows nothing there, padding stays exactly the padding value viewers key
@@ -33,6 +35,7 @@ With `predict_fn` = per-window cubic interpolation, the result equals cubic inte
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -45,9 +48,10 @@ from ctld.data.transforms import hu_to_model, model_to_hu
 logger = logging.getLogger(__name__)
 
 AIR_HU = -1024.0
-# auto_window: the largest in-plane tile and the window depth (thick slices) a fully convolutional model gets.
+# resolve_window: the largest in-plane tile and window depth (thick slices) a fully convolutional model gets. A
+# 32 x 512 x 512 window of the demo's model peaks near 7 GB on a CPU; larger windows only cost memory.
 AUTO_TILE_MAX = 512
-AUTO_WINDOW_DEPTH_THICK = 16
+AUTO_WINDOW_DEPTH_MAX = 32
 # (B, 1, depth, P, P) float32 window batch -> (B, 1, depth * factor, P, P), in model units or HU (see hu_range).
 # A predictor with a `prior_fn` attribute is also given the matching windows of its prior (B, 1, depth * factor,
 # P, P) as a second argument: the prior is computed once on the whole (padded) volume, so a window's edge slices
@@ -92,7 +96,7 @@ class WindowPlan:
     depth_context: int
     patch_size: int
     pad_depth_start: int  # replicated slices before the volume: `depth_context` plus the grid's depth shift
-    pad_depth_end: int  # replicated slices added after the `depth_context` ones at the end (short volumes)
+    pad_depth_end: int  # replicated slices after the volume: `depth_context`, plus fill for short volumes and phase
     pad_y: int  # air rows added before the image (in-plane centring of small images, plus the grid's shift)
     pad_x: int
     padded_shape: tuple[int, int, int]
@@ -105,6 +109,10 @@ class WindowPlan:
         return len(self.depth_starts) * len(self.y_starts) * len(self.x_starts)
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def plan_windows(
     shape: tuple[int, int, int],
     *,
@@ -115,14 +123,24 @@ def plan_windows(
     depth_overlap: int,
     inplane_overlap: float,
     grid_shift: tuple[int, int, int] = (0, 0, 0),
+    depth_period: int = 1,
+    inplane_period: int = 1,
 ) -> WindowPlan:
-    """Lay out the depth windows and in-plane tiles for a thick volume of `shape` (D, H, W); `grid_shift` (thick
-    slices, rows, columns) moves the whole grid back against the volume by that much (more padding before it)."""
+    """Lay out the depth windows and in-plane tiles for a thick volume of `shape` (D, H, W).
+
+    `grid_shift` (thick slices, rows, columns) moves the whole grid back against the volume by that much (more
+    padding before it). Every window starts a multiple of `depth_period` thick slices and `inplane_period` pixels
+    from the volume's first voxel: a model with strided layers is shift-equivariant only by multiples of its
+    strides, so windows on another phase of the stride grid would give other values (bands at window borders).
+    Padding at the start is rounded up (and strides down) to keep that phase, whatever the shift.
+    """
     depth, height, width = shape
     if min(shape) < 1:
         raise ValueError(f"empty volume of shape {shape}")
     if factor < 1 or depth_thick < 1 or patch_size < 1:
         raise ValueError(f"factor, depth_thick and patch_size must be >= 1, got {factor}, {depth_thick}, {patch_size}")
+    if depth_period < 1 or inplane_period < 1:
+        raise ValueError(f"depth_period and inplane_period must be >= 1, got {depth_period}, {inplane_period}")
     depth_stride = depth_thick - 2 * depth_context - depth_overlap
     if depth_context < 0 or depth_overlap < 0 or depth_stride < 1:
         raise ValueError(
@@ -130,15 +148,32 @@ def plan_windows(
             f"and share {depth_overlap} with the next window (need depth_thick - 2*depth_context - depth_overlap "
             f">= 1, got {depth_stride}); lower infer.depth_context or infer.depth_overlap"
         )
+    if depth_stride < depth_period:
+        raise ValueError(
+            f"depth windows of {depth_thick} thick slices advance by {depth_stride}, less than the model's depth "
+            f"stride period of {depth_period} thick slices; use deeper windows (infer.window_depth) or less "
+            "context / overlap"
+        )
     if not 0.0 <= inplane_overlap < 1.0:
         raise ValueError(f"inplane_overlap must be in [0, 1), got {inplane_overlap}")
     shift_d, shift_y, shift_x = grid_shift
     if min(grid_shift) < 0:
         raise ValueError(f"grid_shift must be >= 0, got {grid_shift}")
-    padded_depth = max(depth + 2 * depth_context + shift_d, depth_thick)
-    pad_depth_end = padded_depth - depth - 2 * depth_context - shift_d
-    padded_height, padded_width = max(height + shift_y, patch_size), max(width + shift_x, patch_size)
+    depth_stride -= depth_stride % depth_period
+    pad_depth_start = _round_up(depth_context + shift_d, depth_period)
+    padded_depth = max(pad_depth_start + depth + depth_context, depth_thick)
+    padded_depth += -(padded_depth - depth_thick) % depth_period  # the last window, flush with the end, in phase
     tile_stride = max(1, int(round(patch_size * (1.0 - inplane_overlap))))
+    tile_stride = max(inplane_period, tile_stride - tile_stride % inplane_period)
+
+    def inplane(size: int, shift: int) -> tuple[int, int]:
+        """(air before the image, padded size): small images centred in a tile, in phase with the strides."""
+        before = _round_up(shift + max(0, patch_size - size - shift) // 2, inplane_period)
+        padded = max(before + size, patch_size)
+        return before, padded + (-(padded - patch_size) % inplane_period)
+
+    pad_y, padded_height = inplane(height, shift_y)
+    pad_x, padded_width = inplane(width, shift_x)
     return WindowPlan(
         depth=depth,
         height=height,
@@ -147,10 +182,10 @@ def plan_windows(
         depth_thick=depth_thick,
         depth_context=depth_context,
         patch_size=patch_size,
-        pad_depth_start=depth_context + shift_d,
-        pad_depth_end=pad_depth_end,
-        pad_y=shift_y + (padded_height - height - shift_y) // 2,
-        pad_x=shift_x + (padded_width - width - shift_x) // 2,
+        pad_depth_start=pad_depth_start,
+        pad_depth_end=padded_depth - depth - pad_depth_start,
+        pad_y=pad_y,
+        pad_x=pad_x,
         padded_shape=(padded_depth, padded_height, padded_width),
         depth_starts=tuple(_starts(padded_depth, depth_thick, depth_stride)),
         y_starts=tuple(_starts(padded_height, patch_size, tile_stride)),
@@ -163,8 +198,7 @@ def _pad(thick_hu: np.ndarray, plan: WindowPlan) -> np.ndarray:
     _, padded_height, padded_width = plan.padded_shape
     pad_y_end = padded_height - plan.height - plan.pad_y
     pad_x_end = padded_width - plan.width - plan.pad_x
-    out = np.pad(thick_hu, ((plan.pad_depth_start, plan.depth_context + plan.pad_depth_end), (0, 0), (0, 0)),
-                 mode="edge")
+    out = np.pad(thick_hu, ((plan.pad_depth_start, plan.pad_depth_end), (0, 0), (0, 0)), mode="edge")
     if plan.pad_y or pad_y_end or plan.pad_x or pad_x_end:
         out = np.pad(out, ((0, 0), (plan.pad_y, pad_y_end), (plan.pad_x, pad_x_end)), constant_values=AIR_HU)
     return out
@@ -219,8 +253,9 @@ def interpolate_volume(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     depth_thick, patch_size, batch_size = resolve_window(
         predict_fn, thick_hu.shape, depth_thick=depth_thick, patch_size=patch_size, batch_size=batch_size,
-        depth_context=depth_context, window_depth=window_depth, tile_size=tile_size)
+        depth_context=depth_context, depth_overlap=depth_overlap, window_depth=window_depth, tile_size=tile_size)
     depth_context, depth_overlap = fit_depth_windows(depth_thick, depth_context, depth_overlap)
+    depth_period, inplane_period = stride_periods(predict_fn, factor)
     plan = plan_windows(
         thick_hu.shape,
         factor=factor,
@@ -230,6 +265,8 @@ def interpolate_volume(
         depth_overlap=depth_overlap,
         inplane_overlap=inplane_overlap,
         grid_shift=grid_shift,
+        depth_period=depth_period,
+        inplane_period=inplane_period,
     )
     padded = _pad(thick_hu, plan)
     prior_fn = getattr(predict_fn, "prior_fn", None)
@@ -315,15 +352,23 @@ def keep_beyond_window(thin_hu: np.ndarray, thick_hu: np.ndarray, factor: int, h
     thin_hu[beyond] = linear[beyond]
 
 
+def stride_periods(predict_fn: PredictFn, factor: int) -> tuple[int, int]:
+    """(thick slices, pixels) by which a predictor's output shifts with its input: its `tile_multiple` in-plane; in
+    depth its `depth_multiple` thin slices, i.e. the fewest whole thick slabs that span a multiple of it."""
+    depth_multiple = int(getattr(predict_fn, "depth_multiple", 1))
+    return depth_multiple // math.gcd(depth_multiple, factor), int(getattr(predict_fn, "tile_multiple", 1))
+
+
 def resolve_window(predict_fn: PredictFn, shape: tuple[int, ...], *, depth_thick: int, patch_size: int,
-                   batch_size: int, depth_context: int = 0, window_depth: int = 0, tile_size: int = 0
-                   ) -> tuple[int, int, int]:
+                   batch_size: int, depth_context: int = 0, depth_overlap: int = 0, window_depth: int = 0,
+                   tile_size: int = 0) -> tuple[int, int, int]:
     """(window depth in thick slices, tile edge in pixels, windows per batch) for `predict_fn` on a (D, H, W) thick
     volume. 0 = choose: a predictor whose `fully_convolutional` attribute is true (no statistic spans voxels, so a
-    window's interior does not depend on the window) gets whole slices up to AUTO_TILE_MAX pixels and
-    AUTO_WINDOW_DEPTH_THICK slices; any other keeps its training window (GroupNorm statistics of a larger window
-    would differ from those it was trained with). Sizes are rounded up to the predictor's `tile_multiple`. A window
-    larger than the training one gets a proportionally smaller batch, so memory stays near the configured one."""
+    window's interior does not depend on the window) gets whole slices up to AUTO_TILE_MAX pixels and the fewest
+    windows of at most AUTO_WINDOW_DEPTH_MAX slices, made equal (a short series is one window: nothing is computed
+    twice); any other keeps its training window (GroupNorm statistics of a larger window would differ from those
+    it was trained with). A window larger than the training one gets a proportionally smaller batch, so memory stays
+    near the configured one."""
     fully_convolutional = bool(getattr(predict_fn, "fully_convolutional", False))
     multiple = int(getattr(predict_fn, "tile_multiple", 1))
     depth, height, width = shape[-3:]
@@ -333,13 +378,17 @@ def resolve_window(predict_fn: PredictFn, shape: tuple[int, ...], *, depth_thick
         raise ValueError(f"tile_size {tile_size} must be a multiple of {multiple} (the model's in-plane strides)")
     if not window_depth:
         window_depth = depth_thick
-        if fully_convolutional:  # a short volume is one window
-            window_depth = max(depth_thick, min(AUTO_WINDOW_DEPTH_THICK, depth + 2 * depth_context))
+        if fully_convolutional:
+            span = depth + 2 * depth_context  # thick slices the windows cover, context included
+            shared = 2 * depth_context + depth_overlap  # slices neighbouring windows both compute
+            count = 1 if span <= AUTO_WINDOW_DEPTH_MAX else 1 + math.ceil(
+                (span - AUTO_WINDOW_DEPTH_MAX) / max(1, AUTO_WINDOW_DEPTH_MAX - shared))
+            window_depth = max(depth_thick, math.ceil((span + (count - 1) * shared) / count) + (count > 1))
     if not tile_size:
         tile_size = patch_size
         if fully_convolutional:
             extent = min(max(height, width), AUTO_TILE_MAX)
-            tile_size = max(patch_size, -(-extent // multiple) * multiple)
+            tile_size = max(patch_size, _round_up(extent, multiple))
     enlargement = (window_depth * tile_size**2) / float(depth_thick * patch_size**2)
     if enlargement > 1:
         batch_size = max(1, int(batch_size / enlargement))

@@ -86,6 +86,7 @@ class CtldPredictor:
         self.prior_fn = None if self.spec.prior == "latent_cubic" else self.spec.prior_pixels
         self.fully_convolutional = is_fully_convolutional(self.vae, self.unet)
         self.tile_multiple = tile_multiple(self.vae, self.unet)
+        self.depth_multiple = int(self.unet.depth_multiple)  # thin slices: the U-Net's depth strides
 
     def __call__(self, thick: torch.Tensor, prior_pixels: torch.Tensor | None = None) -> torch.Tensor:
         from ctld.diffusion import decode_latents, regress, sample

@@ -110,14 +110,18 @@ class ResBlock3D(nn.Module):
         self.skip = nn.Conv3d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        # Without autograd, activations are updated in place: whole-series inference on a CPU is bound by memory
+        # traffic as much as by the convolutions (each fresh 0.7 GB tensor costs its page faults).
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         if self.temb_proj is not None:
             if temb is None:
                 raise ValueError("this ResBlock3D was built with temb_channels and needs a timestep embedding")
-            h = h + self.temb_proj(F.silu(temb))[:, :, None, None, None]  # (B, C, 1, 1, 1)
-        h = self.conv2(F.silu(self.norm2(h)))
+            emb = self.temb_proj(F.silu(temb))[:, :, None, None, None]  # (B, C, 1, 1, 1)
+            h = h.add_(emb) if inplace else h + emb
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         residual = x if self.skip is None else self.skip(x)
-        return residual + h
+        return h.add_(residual) if inplace else residual + h
 
 
 class AttentionBlock3D(nn.Module):

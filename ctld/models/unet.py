@@ -283,5 +283,6 @@ class UNet3D(nn.Module):
                 x = self._run(block, torch.cat([x, skips.pop()], dim=1), temb)
             if i < len(self.upsamplers):
                 x = self.upsamplers[i](x)
-        x = self.conv_out(F.silu(self.norm_out(x)))  # (B, C, D_pad, h_pad, w_pad)
+        x = F.silu(self.norm_out(x), inplace=not torch.is_grad_enabled())
+        x = self.conv_out(x)  # (B, C, D_pad, h_pad, w_pad)
         return x[:, :, :d, :h, :w]

@@ -164,7 +164,8 @@ class _Encoder(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))  # (B, 2 * latent_channels, D, h, w)
+        x = F.silu(self.norm_out(x), inplace=not torch.is_grad_enabled())
+        return self.conv_out(x)  # (B, 2 * latent_channels, D, h, w)
 
 
 class _Decoder(nn.Module):
@@ -195,7 +196,8 @@ class _Decoder(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))  # (B, out_channels, D, H, W)
+        x = F.silu(self.norm_out(x), inplace=not torch.is_grad_enabled())
+        return self.conv_out(x)  # (B, out_channels, D, H, W)
 
 
 class AutoencoderKL3D(nn.Module):

@@ -10,6 +10,8 @@
 #    phase timing (the throughput figures), and those two under DeepSpeed ZeRO-2 with one process
 #    (launch/zero2.yaml) against the plain process, when deepspeed imports. (Under DeepSpeed the optimizer step
 #    runs inside backward, so its phase split charges the step to "backward".)
+# 3. benchmarks/bench_infer.py: whole-series regression inference of the 28 -> 140 slice 512x512 case with the demo
+#    and base models (random weights), beside the CPU figure in docs/usage.md.
 # Goals (issue 16): diffusion stage >= 10 samples/s and >= 35% MFU per GPU. Each step writes its JSON/log under
 # OUT_DIR; a failing step is reported and the next one still runs, and bench_train.json is rewritten after every
 # run (a time limit keeps what was measured; the compile variant runs last). At most 12 minutes (never run yet).
@@ -45,7 +47,9 @@ step gpu_tests 180 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_mo
 launch=()
 python3 -c "import deepspeed" 2>/dev/null && launch=(--launch launch/zero2.yaml)
 [ ${#launch[@]} -eq 0 ] && echo "deepspeed does not import here: the ZeRO-2 comparison is skipped"
-step bench_train 540 python3 benchmarks/bench_train.py --preset gpu --steps 20 --warmup 5 \
+step bench_infer 90 python3 benchmarks/bench_infer.py --device cuda --presets configs/demo.yaml,configs/base.yaml \
+    --slices 28 --steps 0 --out "$out/bench_infer.json"
+step bench_train 480 python3 benchmarks/bench_train.py --preset gpu --steps 20 --warmup 5 \
     --variants pixel,latent,pixel_nophases,latent_nophases,latent_compile "${launch[@]}" \
     --out "$out/bench_train.json"
 exit $status

@@ -180,7 +180,7 @@ def test_resolve_window_grows_windows_only_for_fully_convolutional_models():
         resolve_window(fully, (28, 512, 512), **training, tile_size=130)
 
 
-def test_hu_outside_the_model_window_is_kept_through_ctld_infer(tmp_path, infer_tiny_export):
+def test_hu_outside_the_model_window_is_kept_through_ctld_infer(tmp_path, infer_tiny_export, capsys):
     """-3024 HU padding outside the field of view and a 15000 HU hot spot: the model sees [-1024, 2048], yet the thin
     series keeps the padding exactly and the hot spot at the linear interpolation of the input, in DICOM and NIfTI;
     there, MAE in HU against the true thin series is linear interpolation's instead of thousands of HU."""
@@ -197,8 +197,9 @@ def test_hu_outside_the_model_window_is_kept_through_ctld_infer(tmp_path, infer_
     thin_volume = Volume(thin.astype(np.int16), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), np.eye(3))
     thick = _thick_of(thin_volume, 5)
     write_dicom_series(thick, tmp_path / "thick", patient={"PatientName": "HU^KEPT"}, series_description="thick")
-    args = ["--checkpoint", str(infer_tiny_export), "--format", "both", "--no_progress"]
+    args = ["--checkpoint", str(infer_tiny_export), "--format", "both"]
     assert main([str(tmp_path / "thick"), "--out", str(tmp_path / "out"), *args]) == 0
+    assert "\r" not in capsys.readouterr().err  # stderr is not a terminal here: no progress-bar updates
 
     datasets = [pydicom.dcmread(f) for f in sorted((tmp_path / "out" / "dicom").glob("*.dcm"))]
     dicom_hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets])

@@ -120,6 +120,8 @@ def vae_export(tmp_path_factory, data_overrides) -> Path:
                    "--train.scale_batches=2"], out / "log.txt")
     export = out / "vae" / "export"
     assert (export / "vae.safetensors").is_file() and (export / "ctld.json").is_file()
+    # A redirected log holds log lines only: no carriage-return progress-bar updates.
+    assert "\r" not in (out / "log.txt").read_text() and "vae steps" not in (out / "log.txt").read_text()
     return export
 
 

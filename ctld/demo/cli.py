@@ -74,7 +74,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--vae_steps", type=int, default=0,
                         help="VAE optimizer steps; 0 exports the demo VAE as initialised, which is its lossless "
                              "space-to-channel shortcut (configs/demo.yaml)")
-    parser.add_argument("--diffusion_steps", type=int, default=600, help="diffusion optimizer steps")
+    parser.add_argument("--diffusion_steps", type=int, default=1000, help="diffusion optimizer steps")
     parser.add_argument("--num_processes", type=int, default=2, help="training processes on CPU (DDP over gloo)")
     parser.add_argument("--skip_coronal", action="store_true", help="do not draw OUT/coronal.png")
 

@@ -254,8 +254,9 @@ def interpolate_volume(
     depth_thick, patch_size, batch_size = resolve_window(
         predict_fn, thick_hu.shape, depth_thick=depth_thick, patch_size=patch_size, batch_size=batch_size,
         depth_context=depth_context, depth_overlap=depth_overlap, window_depth=window_depth, tile_size=tile_size)
-    depth_context, depth_overlap = fit_depth_windows(depth_thick, depth_context, depth_overlap)
     depth_period, inplane_period = stride_periods(predict_fn, factor)
+    depth_context, depth_overlap, depth_period = fit_depth_windows(depth_thick, depth_context, depth_overlap,
+                                                                   depth_period)
     plan = plan_windows(
         thick_hu.shape,
         factor=factor,
@@ -426,20 +427,26 @@ def _accumulate(out, window, origin, plan, keep_lo, keep_hi, depth_weights, tile
     out[lo:hi, ys:ye, xs:xe] += rows * weights
 
 
-def fit_depth_windows(depth_thick: int, depth_context: int, depth_overlap: int) -> tuple[int, int]:
-    """Shrink overlap, then context, until a window of `depth_thick` keeps >= 1 contributing slice per step (tiny
-    models train on 2-slice windows); warns when it changes the settings."""
+def fit_depth_windows(depth_thick: int, depth_context: int, depth_overlap: int, period: int = 1
+                      ) -> tuple[int, int, int]:
+    """(context, overlap, period) that fit windows of `depth_thick`: overlap, then context, shrink until a window
+    advances by at least `period` slices (the model's depth stride period; 1 for tiny models on 2-slice windows);
+    a window shorter than the period drops it to 1. Warns when it changes a setting."""
     context, overlap = depth_context, depth_overlap
-    while depth_thick - 2 * context - overlap < 1 and overlap > 0:
+    if depth_thick < period:
+        logger.warning("windows of %d thick slices are shorter than the model's depth stride period %d: windows "
+                       "start out of phase (set infer.window_depth >= %d)", depth_thick, period, period)
+        period = 1
+    while depth_thick - 2 * context - overlap < period and overlap > 0:
         overlap -= 1
-    while depth_thick - 2 * context - overlap < 1 and context > 0:
+    while depth_thick - 2 * context - overlap < period and context > 0:
         context -= 1
     if (context, overlap) != (depth_context, depth_overlap):
         logger.warning(
-            "windows of %d thick slices cannot hold depth_context=%d and depth_overlap=%d; using %d and %d",
-            depth_thick, depth_context, depth_overlap, context, overlap,
+            "windows of %d thick slices advancing by multiples of %d cannot hold depth_context=%d and "
+            "depth_overlap=%d; using %d and %d", depth_thick, period, depth_context, depth_overlap, context, overlap,
         )
-    return context, overlap
+    return context, overlap, period
 
 
 def interpolate_at_spacing(thick_hu: np.ndarray, predict_fn: PredictFn, *, pixel_spacing_mm: tuple[float, float],

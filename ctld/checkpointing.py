@@ -152,6 +152,40 @@ def _all_ranks_ok(accelerator: Accelerator, error: Exception | None, what: str, 
     ) from error
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """ValueError naming the first damaged file of a checkpoint folder (truncated safetensors or torch.save
+    archive, bad JSON), with what to do; cheap (headers and archive directories only, no tensor is read). Called
+    before `load_checkpoint` so a damaged resume ends in one line instead of a stack trace on every rank."""
+    import zipfile
+
+    from ctld.export import read_json_file
+
+    path = Path(path)
+    match = _CHECKPOINT_RE.match(path.name)
+    step = int(match.group(1)) if match else None
+    older = [p for saved, p in list_checkpoints(path.parent.parent) if step is not None and saved < step]
+    hint = (f"delete {path} or pass --train.resume=<an older checkpoint>"
+            + (f" (e.g. {older[-1]})" if older else "") + "; it was damaged after it was written (disk, copy)")
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        if file.suffix == ".json":
+            read_json_file(file, hint)
+        elif file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(file), framework="pt") as handle:  # checks the header against the file size
+                    handle.keys()
+            except Exception as error:  # noqa: BLE001 - SafetensorError and OSError alike
+                raise ValueError(f"{file} is damaged (truncated or not a safetensors file: {error}); {hint}") from error
+        elif file.suffix in (".bin", ".pt", ".pkl", ".pth"):
+            # torch.save writes a zip archive: a truncated one has no central directory.
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    archive.infolist()
+            except (zipfile.BadZipFile, OSError) as error:
+                raise ValueError(f"{file} is damaged (not a complete torch.save archive: {error}); {hint}") from error
+
+
 def load_checkpoint(accelerator: Accelerator, path: str | Path, *, ema: EMAModel | None = None) -> dict:
     """Restore what `save_checkpoint` wrote (call on every rank, after `accelerator.prepare`).
 
@@ -159,6 +193,7 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, *, ema: EMAModel
         The trainer state dict saved with the checkpoint (holds "step").
     """
     path = Path(path)
+    check_checkpoint(path)
     accelerator.load_state(str(path))
     if ema is not None:
         _load_ema(ema, path)

@@ -54,6 +54,7 @@ from ctld.checkpointing import (
     StopRequest,
     exit_preempted,
     list_checkpoints,
+    check_checkpoint,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
@@ -90,6 +91,13 @@ def main(argv: list[str] | None = None) -> None:
         check(cfg)
         if cfg.data.latent_shards_dir:
             check_latent_shards(cfg)  # refuse latent shards of another VAE or config before any process starts work
+        # Damaged inputs fail here in one line, not in a stack trace per rank: the VAE export is loaded once more
+        # (a few seconds; every file and shape checked), the checkpoint to resume has its files' headers read.
+        if cfg.train.stage == "diffusion":
+            load_frozen_vae(cfg.train.vae_export, cfg.data, "cpu")
+        resume_from = resolve_resume(Path(cfg.train.output_dir) / cfg.train.run_name, cfg.train.resume)
+        if resume_from is not None:
+            check_checkpoint(resume_from)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         # One line from the first rank, not a traceback from every rank; exit 2 on all of them.
         if os.environ.get("RANK", "0") == "0":

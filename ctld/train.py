@@ -52,9 +52,9 @@ from ctld.baselines import SlabFilter
 from ctld.calibration import estimate_residual_scale, fit_slab_filter_on_shards
 from ctld.checkpointing import (
     StopRequest,
+    check_checkpoint,
     exit_preempted,
     list_checkpoints,
-    check_checkpoint,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,

@@ -111,8 +111,8 @@ def read_nifti(path: str | os.PathLike, salt: str = "", *, rel_path: str | None 
     except Exception as error:
         raise SeriesSkipped("unreadable_nifti", f"{rel_path}: {type(error).__name__}: {error}") from error
     data = np.squeeze(data)
-    if data.ndim != 3:
-        raise SeriesSkipped("not_3d", f"{rel_path}: NIfTI data of shape {data.shape}, expected 3D")
+    if data.ndim != 3 or data.size == 0:
+        raise SeriesSkipped("not_3d", f"{rel_path}: NIfTI data of shape {data.shape}, expected 3D with voxels")
     affine_lps = RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)[:3, :4]
     columns = affine_lps[:, :3]
     spacing_xyz = np.linalg.norm(columns, axis=0)
@@ -199,8 +199,8 @@ def read_cached_volume(path: str | os.PathLike, salt: str = "", *, rel_path: str
         raise SeriesSkipped("unreadable_cache", f"{rel_path}: {type(error).__name__}: {error}") from error
     while array.ndim > 3 and array.shape[0] == 1:
         array = array[0]
-    if array.ndim != 3:
-        raise SeriesSkipped("not_3d", f"{rel_path}: array of shape {array.shape}, expected (D, H, W)")
+    if array.ndim != 3 or array.size == 0:
+        raise SeriesSkipped("not_3d", f"{rel_path}: array of shape {array.shape}, expected (D, H, W) with voxels")
     try:
         slope = float(info.get("rescale_slope", 1.0))
         intercept = float(info.get("rescale_intercept", 0.0))

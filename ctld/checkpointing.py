@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import signal
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -83,6 +85,7 @@ def save_checkpoint(
     *,
     ema: EMAModel | None = None,
     keep_last: int = 3,
+    timeout_s: float = 0.0,
 ) -> Path:
     """Save the full training state as `checkpoint-<step>`. Must be called on EVERY rank.
 
@@ -93,7 +96,14 @@ def save_checkpoint(
         trainer_state: JSON-serialisable counters restored by `load_checkpoint` (must hold "step").
         ema: the U-Net EMA, written as safetensors (no pickle) by the main process.
         keep_last: complete checkpoints to keep; older ones are deleted after this one is complete.
+        timeout_s: a save not finished on this rank by then ends the process (`SaveWatchdog`); 0 = no limit.
     """
+    with SaveWatchdog(timeout_s, run_dir, step):
+        return _save_checkpoint(accelerator, run_dir, step, trainer_state, ema=ema, keep_last=keep_last)
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state: dict, *,
+                     ema: EMAModel | None, keep_last: int) -> Path:
     root = checkpoints_dir(run_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
@@ -108,6 +118,7 @@ def save_checkpoint(
     _all_ranks_ok(accelerator, error, f"preparing {tmp}", run_dir)
 
     try:
+        faults.plant_kill_inside_save(accelerator, step)
         accelerator.save_state(str(tmp))
         faults.kill_if_planted("checkpoint", step, accelerator.process_index)
         if accelerator.is_main_process:
@@ -131,6 +142,47 @@ def save_checkpoint(
         logger.info(f"saved checkpoint {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+# Exit code of a rank whose checkpoint save ran past train.checkpoint_timeout_s: 128 + SIGALRM, in the range the
+# PyTorchJob restarts (k8s/README.md), since a rank lost mid-save is a fault a restart from the last checkpoint fixes.
+CHECKPOINT_TIMEOUT_EXIT_CODE = 128 + signal.SIGALRM
+
+
+class SaveWatchdog:
+    """Ends this process when a checkpoint save has not finished within `timeout_s` (0 = never).
+
+    Every rank takes part in a save's collectives (DeepSpeed's tag check and barriers, our `_all_ranks_ok`); when a
+    rank dies inside one, the others wait for it. NCCL and gloo give up only after the process group's timeout
+    (30 minutes by default), DeepSpeed's CPU shared-memory collectives never, and on another node no launcher
+    notices. A blocked collective cannot be interrupted from Python, so a timer thread logs the reason and calls
+    os._exit: the launcher then ends the other ranks. The last complete checkpoint is intact because a save only
+    renames its folder into place after every rank finished writing."""
+
+    def __init__(self, timeout_s: float, run_dir: str | Path, step: int):
+        self.timeout_s, self.run_dir, self.step = float(timeout_s), run_dir, step
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> SaveWatchdog:
+        if self.timeout_s > 0:
+            self._timer = threading.Timer(self.timeout_s, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        found = list_checkpoints(self.run_dir)
+        last = f"{found[-1][1]} is the last complete one" if found else "there is no complete checkpoint yet"
+        # print, not the logger: accelerate's logger is main-process-only and this may be any rank.
+        print(f"ctld train: error: saving {CHECKPOINT_PREFIX}{self.step} did not finish within "
+              f"train.checkpoint_timeout_s={self.timeout_s:g} s on this rank (a rank died or hung inside the "
+              f"collective save); {last}. Exiting with code {CHECKPOINT_TIMEOUT_EXIT_CODE}; rerun with "
+              "--train.resume=latest", file=sys.stderr, flush=True)
+        os._exit(CHECKPOINT_TIMEOUT_EXIT_CODE)
 
 
 class CheckpointError(RuntimeError):

@@ -304,8 +304,8 @@ def train(cfg: Config) -> None:
             counters = {"step": step, "skipped_steps": skipped_steps}
             if spec is not None:
                 counters["residual_scale"] = spec.residual_scale
-            save_checkpoint(accelerator, run_dir, step, counters,
-                            ema=ema, keep_last=cfg.train.checkpoints_total_limit)
+            save_checkpoint(accelerator, run_dir, step, counters, ema=ema, keep_last=cfg.train.checkpoints_total_limit,
+                            timeout_s=cfg.train.checkpoint_timeout_s)
             if not stop_now:
                 train_stream.open(step)  # the data position policy (module docstring)
         if stop_now:

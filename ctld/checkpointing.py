@@ -204,6 +204,11 @@ def _all_ranks_ok(accelerator: Accelerator, error: Exception | None, what: str, 
     ) from error
 
 
+class ResumeError(ValueError):
+    """The checkpoint given to `train.resume` cannot be loaded (damaged, or of another model); the message names
+    the file and what to do, and `ctld/train.py` ends with it in one line, exit code 2."""
+
+
 def check_checkpoint(path: str | Path) -> None:
     """ValueError naming the first damaged file of a checkpoint folder (truncated safetensors or torch.save
     archive, bad JSON), with what to do; cheap (headers and archive directories only, no tensor is read). Called
@@ -220,7 +225,10 @@ def check_checkpoint(path: str | Path) -> None:
             + (f" (e.g. {older[-1]})" if older else "") + "; it was damaged after it was written (disk, copy)")
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         if file.suffix == ".json":
-            read_json_file(file, hint)
+            try:
+                read_json_file(file, hint)
+            except ValueError as error:
+                raise ResumeError(str(error)) from error
         elif file.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -228,14 +236,15 @@ def check_checkpoint(path: str | Path) -> None:
                 with safe_open(str(file), framework="pt") as handle:  # checks the header against the file size
                     handle.keys()
             except Exception as error:  # noqa: BLE001 - SafetensorError and OSError alike
-                raise ValueError(f"{file} is damaged (truncated or not a safetensors file: {error}); {hint}") from error
+                raise ResumeError(f"{file} is damaged (truncated or not a safetensors file: {error}); "
+                                  f"{hint}") from error
         elif file.suffix in (".bin", ".pt", ".pkl", ".pth"):
             # torch.save writes a zip archive: a truncated one has no central directory.
             try:
                 with zipfile.ZipFile(file) as archive:
                     archive.infolist()
             except (zipfile.BadZipFile, OSError) as error:
-                raise ValueError(f"{file} is damaged (not a complete torch.save archive: {error}); {hint}") from error
+                raise ResumeError(f"{file} is damaged (not a complete torch.save archive: {error}); {hint}") from error
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | Path, *, ema: EMAModel | None = None) -> dict:
@@ -246,7 +255,13 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, *, ema: EMAModel
     """
     path = Path(path)
     check_checkpoint(path)
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, ValueError, KeyError) as error:  # e.g. tensors of another shape: another config's run
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ResumeError(f"{path} does not fit this run ({type(error).__name__}: {first}); resume a checkpoint "
+                          "written with the same model and optimizer settings, or start without "
+                          "train.resume") from error
     if ema is not None:
         _load_ema(ema, path)
     with open(path / TRAINER_STATE) as f:

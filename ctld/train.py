@@ -51,6 +51,7 @@ from ctld import faults
 from ctld.baselines import SlabFilter
 from ctld.calibration import estimate_residual_scale, fit_slab_filter_on_shards
 from ctld.checkpointing import (
+    ResumeError,
     StopRequest,
     check_checkpoint,
     exit_preempted,
@@ -103,7 +104,12 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"ctld train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    train(cfg)
+    try:
+        train(cfg)
+    except ResumeError as error:  # found only once the models exist (e.g. another config's tensor shapes)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ctld train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def train(cfg: Config) -> None:

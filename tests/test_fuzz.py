@@ -359,8 +359,20 @@ def _run_build_batch(cases: list[dict], good: list[Path], good_ids: set[str], ba
         outcomes.append({"case": case["index"], "what": case["what"], "outcome": outcome, "detail": "another id"})
 
 
+def _drop_stale_log_handlers() -> None:
+    """Remove log handlers left on closed streams: a CLI's logging.basicConfig in an earlier test (and nibabel's own
+    handler, made at its import) bound one to a captured stderr pytest has closed since, and every later record
+    would print a "Logging error" traceback. A user's process has no such handlers."""
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict))]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)
+
+
 def _run_infer_case(case: dict, export: Path, out_dir: Path, capsys) -> tuple[str, str]:
     capsys.readouterr()
+    _drop_stale_log_handlers()
     signal.setitimer(signal.ITIMER_REAL, INFER_LIMIT_S)
     try:
         out = out_dir / f"out{case['index']}"
@@ -376,8 +388,10 @@ def _run_infer_case(case: dict, export: Path, out_dir: Path, capsys) -> tuple[st
     err = capsys.readouterr().err.strip()
     if code == 0:
         return "read", "exit 0"
-    if code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err:
-        return "refused", err[:200]
+    # Log lines (a decoder's own warnings) may come before it: the refusal itself is one line.
+    errors = [line for line in err.splitlines() if line.startswith("ctld-infer: error:")]
+    if code == 2 and len(errors) == 1 and errors[0] == err.splitlines()[-1] and "Traceback" not in err:
+        return "refused", errors[0][:200]
     return "crashed", f"exit {code}: {err[-300:]}"
 
 
@@ -387,6 +401,7 @@ def campaign(tmp_path_factory, shared_ct, infer_tiny_export):
         if not needed.is_file():
             pytest.skip(f"fuzz base file {needed} not found")
     root = tmp_path_factory.mktemp("fuzz")
+    _drop_stale_log_handlers()
     previous = signal.signal(signal.SIGALRM, _alarm)
     rng = np.random.default_rng(SEED)
     tally: Counter = Counter()

@@ -528,6 +528,11 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_before_any_rank_loads_it(tm
         err = capsys.readouterr().err.strip()
         assert stopped.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert f"{damaged / name} is damaged" in err, err
+    # Intact files of another model (other VAE channels): found when the state is loaded, the same one line.
+    with pytest.raises(SystemExit) as stopped:
+        main([TINY, *overrides, "--vae.channels=[8,8]", f"--train.resume={good}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and err[-1].startswith("ctld train: error:") and "does not fit this run" in err[-1]
 
 
 def _training_processes(launcher_pid: int) -> list[psutil.Process]:

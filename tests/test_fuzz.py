@@ -87,6 +87,10 @@ def _series_template(spacing_mm: float, slices: int, crop: int) -> tuple[bytes, 
         ds.PixelData = np.ascontiguousarray(cropped).tobytes()
         ds.Rows = ds.Columns = crop
         ds.SeriesInstanceUID = f"{UID_PREFIX}.1.{SLOT}"
+        # A study and frame of reference per case too: a series that loses its UID is grouped by them (and a
+        # patient's); shared ones would merge two such cases into one series, which no real archive does.
+        ds.StudyInstanceUID = f"{UID_PREFIX}.3.{SLOT}"
+        ds.FrameOfReferenceUID = f"{UID_PREFIX}.4.{SLOT}"
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{UID_PREFIX}.2.{SLOT}.{k}"
         ds.PatientID = f"FUZZ-{SLOT}"
         ds.InstanceNumber = k + 1
@@ -95,7 +99,7 @@ def _series_template(spacing_mm: float, slices: int, crop: int) -> tuple[bytes, 
         buffer = io.BytesIO()
         ds.save_as(buffer)
         raw = buffer.getvalue()
-        assert raw.count(SLOT.encode()) == 4, "the slot must occur only in the UIDs and PatientID"
+        assert raw.count(SLOT.encode()) == 6, "the slot must occur only in the UIDs and PatientID"
         files.append(raw)
     return tuple(files)
 

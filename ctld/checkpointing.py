@@ -155,7 +155,7 @@ class SaveWatchdog:
     Every rank takes part in a save's collectives (DeepSpeed's tag check and barriers, our `_all_ranks_ok`); when a
     rank dies inside one, the others wait for it. NCCL and gloo give up only after the process group's timeout
     (30 minutes by default), DeepSpeed's CPU shared-memory collectives never, and on another node no launcher
-    notices. A blocked collective cannot be interrupted from Python, so a timer thread logs the reason and calls
+    notices. A blocked collective cannot be interrupted from Python, so a timer thread prints the reason and calls
     os._exit: the launcher then ends the other ranks. The last complete checkpoint is intact because a save only
     renames its folder into place after every rank finished writing."""
 
@@ -181,7 +181,8 @@ class SaveWatchdog:
         print(f"ctld train: error: saving {CHECKPOINT_PREFIX}{self.step} did not finish within "
               f"train.checkpoint_timeout_s={self.timeout_s:g} s on this rank (a rank died or hung inside the "
               f"collective save); {last}. Exiting with code {CHECKPOINT_TIMEOUT_EXIT_CODE}; rerun with "
-              "--train.resume=latest", file=sys.stderr, flush=True)
+              "--train.resume=latest (raise train.checkpoint_timeout_s if saves to this storage are this slow)",
+              file=sys.stderr, flush=True)
         os._exit(CHECKPOINT_TIMEOUT_EXIT_CODE)
 
 
@@ -210,7 +211,7 @@ class ResumeError(ValueError):
 
 
 def check_checkpoint(path: str | Path) -> None:
-    """ValueError naming the first damaged file of a checkpoint folder (truncated safetensors or torch.save
+    """ResumeError naming the first damaged file of a checkpoint folder (truncated safetensors or torch.save
     archive, bad JSON), with what to do; cheap (headers and archive directories only, no tensor is read). Called
     before `load_checkpoint` so a damaged resume ends in one line instead of a stack trace on every rank."""
     import zipfile

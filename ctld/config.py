@@ -103,6 +103,7 @@ class VAEConfig:
     scaling_factor: float = 1.0
     gradient_checkpointing: bool = False
     zero_init_residual: bool = False  # a fresh VAE is exactly its space-to-channel shortcut (ctld/models/vae.py)
+    norm_type: Literal["layer", "group"] = "layer"  # layer: per-voxel, tiling-invariant (ctld/models/layers.py)
 
 
 @dataclass
@@ -116,6 +117,7 @@ class UNetConfig:
     norm_num_groups: int = 32
     attention_head_dim: int = 32
     gradient_checkpointing: bool = False
+    norm_type: Literal["layer", "group"] = "layer"  # layer: per-voxel, tiling-invariant (ctld/models/layers.py)
 
 
 @dataclass
@@ -195,7 +197,11 @@ class InferConfig:
     depth_context: int = 2  # thick slices at each window end that are context only (their output is dropped)
     depth_overlap: int = 1  # contributing thick slices shared (blended) by neighbouring windows
     inplane_overlap: float = 0.25  # fraction of the tile shared by neighbouring tiles
-    batch_size: int = 16  # windows per forward pass (base: ~15 GB of GPU memory in bf16)
+    # Window depth (thick slices) and tile edge (pixels); 0 = automatic (ctld.inferer.resolve_window): a fully
+    # convolutional model gets whole slices up to 512 px and 16 thick slices, a GroupNorm model its training patch.
+    window_depth: int = 0
+    tile_size: int = 0
+    batch_size: int = 16  # windows per forward pass at the training window size (scaled down for larger windows)
     num_samples: int = 1  # average this many diffusion samples per window
     seed: int = 0
     spacing_tolerance: float = 0.25  # refuse thick spacing off factor x thin spacing by more than this; <0 = never

@@ -47,9 +47,9 @@ from ctld.data.transforms import HU_WINDOWS, simulate_thick
 from ctld.data.volume import Volume
 from ctld.export import read_export_meta
 from ctld.infer_settings import describe, resolve_settings
-from ctld.inference import adapted_export, add_infer_flags, check_adapt_settings, pick_device
-from ctld.inferer import fit_depth_windows, interpolate_at_spacing, interpolate_volume
-from ctld.metrics import PROTOCOL, all_metrics
+from ctld.inference import adapted_export, add_infer_flags, check_adapt_settings, pick_device, window_kwargs
+from ctld.inferer import interpolate_at_spacing, interpolate_volume, resolve_window
+from ctld.metrics import PROTOCOL, WINDOWS, all_metrics, psnr
 from ctld.model_card import add_evaluation
 from ctld.panels import save_panels
 from ctld.predictors import CtldPredictor, baseline_predictor, prior_predictor, vae_predictor
@@ -194,17 +194,17 @@ def _table(rows: dict[str, dict[str, float]], keys=METRIC_KEYS) -> list[str]:
 
 
 def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, depth_thick: int, patch_size: int,
-                           cfg, device, out: Path, progress: bool, panel_window: str,
+                           cfg, device, out: Path, progress: bool | None, panel_window: str,
                            slab_filter: SlabFilter | None = None, model_pixel_spacing_mm: float | None = None,
-                           case_models: Callable[[Case], dict] | None = None) -> dict:
+                           case_models: Callable[[Case], dict] | None = None, tiling_check: bool = False) -> dict:
     """Score the baselines (nearest, linear, cubic and, when given, the slab filter fitted on the training split)
     and every model of `models` ({name: (predict_fn, hu_range)}, run through the windowed engine at the export's
     in-plane pixel spacing `model_pixel_spacing_mm` when it was trained resampled) on every case;
     returns the metrics document (also written). `models` may hold the target itself as {"target": None}.
     `case_models(case)` may add models made for one case (the export adapted to its thick series), scored after
-    `models` on that case only."""
-    context, overlap = fit_depth_windows(depth_thick, cfg.depth_context, cfg.depth_overlap)
-    per_case = []
+    `models` on that case only. `tiling_check`: the first model is run again with its window grid shifted by half a
+    window in every axis, and the PSNR between the two thin series is reported (`tiling_check`; identical = 100)."""
+    per_case, tiling = [], []
     for case in cases:
         lo, hi = case.valid
         target = case.target_hu[lo:hi]
@@ -217,13 +217,13 @@ def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, dept
                 predictions[name] = case.target_hu.astype(np.float32)
                 continue
             predict, hu_range = model
-            predictions[name] = interpolate_at_spacing(
-                case.thick_hu, predict, pixel_spacing_mm=case.thin_spacing_mm[1:],
-                model_pixel_spacing_mm=model_pixel_spacing_mm if hu_range is not None else None, factor=factor,
-                depth_thick=depth_thick, patch_size=patch_size, hu_range=hu_range, depth_context=context,
-                depth_overlap=overlap, inplane_overlap=cfg.inplane_overlap, batch_size=cfg.batch_size, device=device,
-                progress=progress,
-            )
+            run = dict(pixel_spacing_mm=case.thin_spacing_mm[1:],
+                       model_pixel_spacing_mm=model_pixel_spacing_mm if hu_range is not None else None, factor=factor,
+                       depth_thick=depth_thick, patch_size=patch_size, hu_range=hu_range, **window_kwargs(cfg),
+                       device=device, progress=progress)
+            predictions[name] = interpolate_at_spacing(case.thick_hu, predict, **run)
+            if tiling_check and len(tiling) == len(per_case):  # the first model of each case
+                tiling.append(_tiling_check(case, name, predict, predictions[name], run, cfg))
         metrics = {method: all_metrics(pred[lo:hi], target, rplhr=True) for method, pred in predictions.items()}
         per_case.append(metrics)
         shown = next(iter(models))
@@ -235,7 +235,7 @@ def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, dept
         save_panels(out / "panels" / f"{case.name}.png", columns, spacing_mm=case.thin_spacing_mm,
                     direction=case.direction, windows=(panel_window,), error_of=shown, reference="target")
         logger.info("%s: %s", case.name, {m: round(v["psnr_soft_tissue"], 2) for m, v in metrics.items()})
-    return {
+    doc = {
         "cases": [
             {"case": case.name, "thick_source": case.thick_source, "thick_shape": list(case.thick_hu.shape),
              "scored_thin_slices": case.valid[1] - case.valid[0], "thin_spacing_mm": list(case.thin_spacing_mm),
@@ -244,10 +244,33 @@ def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, dept
         ],
         "mean": _mean(per_case),
     }
+    if tiling:
+        for entry, check in zip(doc["cases"], tiling, strict=True):
+            entry["tiling_check"] = check
+        doc["tiling_check_mean"] = {key: float(np.mean([c[key] for c in tiling]))
+                                    for key in tiling[0] if key.startswith("psnr_")}
+    return doc
+
+
+def _tiling_check(case: Case, name: str, predict, thin_hu: np.ndarray, run: dict, cfg) -> dict:
+    """`predict` on `case` again with its window grid moved by half a window in depth and in-plane: PSNR between
+    the two thin series in each metric window. A model whose output depends on where the tiles fall (per-tile
+    statistics, edges) shows it here; interpolation gives 100 (identical)."""
+    window_depth, tile, _ = resolve_window(predict, case.thick_hu.shape, depth_thick=run["depth_thick"],
+                                           patch_size=run["patch_size"], batch_size=cfg.batch_size,
+                                           depth_context=cfg.depth_context, depth_overlap=cfg.depth_overlap,
+                                           window_depth=cfg.window_depth,
+                                           tile_size=cfg.tile_size)
+    shift = (max(1, window_depth // 2), tile // 2, tile // 2)
+    shifted = interpolate_at_spacing(case.thick_hu, predict, grid_shift=shift, **run)
+    lo, hi = case.valid
+    return {"model": name, "grid_shift": list(shift), "window": [window_depth, tile, tile],
+            **{f"psnr_{window}": psnr(shifted[lo:hi], thin_hu[lo:hi], bounds) for window, bounds in WINDOWS.items()},
+            "max_abs_difference_hu": float(np.abs(shifted[lo:hi] - thin_hu[lo:hi]).max())}
 
 
 def evaluate_vae(cases: list[Case], vae, *, factor: int, depth_thick: int, patch_size: int, hu_range, cfg, device,
-                 out: Path, progress: bool, panel_window: str) -> dict:
+                 out: Path, progress: bool | None, panel_window: str) -> dict:
     """encode -> decode of the thin target and of the thick input, through the same windowed engine."""
     predict = vae_predictor(vae, device)
     per_case = []
@@ -257,11 +280,9 @@ def evaluate_vae(cases: list[Case], vae, *, factor: int, depth_thick: int, patch
         recon = {}
         for kind, volume, depth in (("thin", case.target_hu[lo:hi], depth_thick * factor),
                                     ("thick", case.thick_hu, depth_thick)):
-            context, overlap = fit_depth_windows(depth, cfg.depth_context, cfg.depth_overlap)
             recon[kind] = interpolate_volume(
-                volume, predict, factor=1, depth_thick=depth,
-                patch_size=patch_size, hu_range=hu_range, depth_context=context, depth_overlap=overlap,
-                inplane_overlap=cfg.inplane_overlap, batch_size=cfg.batch_size, device=device, progress=progress,
+                volume, predict, factor=1, depth_thick=depth, patch_size=patch_size, hu_range=hu_range,
+                **window_kwargs(cfg), device=device, progress=progress,
             )
             metrics[f"vae_{kind}"] = all_metrics(recon[kind], volume, rplhr=True)
         per_case.append(metrics)
@@ -282,7 +303,12 @@ def write_report(out: Path, doc: dict) -> None:
              "", "## Mean over cases", "", *_table(doc["mean"]), "",
              "Columns `psnr_*`, `ssim_*` (windows `wide` and `soft_tissue`) and `mae_hu` follow ctld's protocol; "
              "`rplhr_psnr` and `rplhr_ssim` follow the RPLHR-CT protocol of the field. Both are spelled out below.",
-             "", "## Protocol", ""]
+             ""]
+    if "tiling_check_mean" in doc:
+        shown = ", ".join(f"{key} {value:.2f} dB" for key, value in doc["tiling_check_mean"].items())
+        lines += [f"Tiling check ({doc['cases'][0]['tiling_check']['model']} with its window grid shifted by half a "
+                  f"window, PSNR between the two thin series, mean over cases): {shown}.", ""]
+    lines += ["## Protocol", ""]
     lines += [f"- {key}: {value}" for key, value in doc["protocol"].items()]
     lines += ["", "## Cases", ""]
     for case in doc["cases"]:
@@ -315,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch_size", type=int, default=None, help="without an export: in-plane tile size")
     parser.add_argument("--max_cases", type=int, default=0, help="evaluate at most this many cases (0 = all)")
     parser.add_argument("--panel_window", choices=sorted(HU_WINDOWS), default="soft_tissue", help="HU window of panels")
+    parser.add_argument("--tiling_check", action="store_true",
+                        help="run the first model again with its window grid shifted by half a window and report "
+                             "the PSNR between the two thin series (tiling invariance; identical = 100 dB)")
     parser.add_argument("--add_to_card", default=None, metavar="NAME",
                         help="record the mean scores in the export's model card (README.md, model_card.json) under "
                              "NAME, e.g. 'held-out test split'; the same NAME is replaced")
@@ -371,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         common = dict(factor=factor, depth_thick=depth_thick, patch_size=patch_size, cfg=cfg, device=device,
-                      out=out, progress=not args.no_progress, panel_window=args.panel_window)
+                      out=out, progress=False if args.no_progress else None, panel_window=args.panel_window)
         settings = {"factor": factor, "depth_thick": depth_thick, "patch_size": patch_size,
                     "hu_range": list(hu_range), "device": str(device), "thick_profile": thick_profile, **vars(cfg),
                     "sources": sources}
@@ -405,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                 device=device), hu_range) for m in modes}
             result = evaluate_interpolation(cases, models, slab_filter=slab_filter,
                                             model_pixel_spacing_mm=meta.get("inplane_spacing_mm"),
-                                            case_models=case_models, **common)
+                                            case_models=case_models, tiling_check=args.tiling_check, **common)
             mode = "interpolation"
             settings["method"] = args.method
     except (ValueError, FileNotFoundError, SeriesSkipped) as error:

@@ -36,8 +36,10 @@ logger = logging.getLogger(__name__)
 # Model files (vae.json, unet.json). 2: the residual model (the U-Net conditioned on a prior latent and the slab
 # phase; ctld.json's `residual` and `slab_filter`). Version 1 U-Nets were conditioned on repeated thick latents and
 # cannot be loaded into it.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = {"AutoencoderKL3D": {1, 2}, "UNet3D": {2}}  # the VAE did not change
+# 3: the kwargs name `norm_type`; files before it were built with GroupNorm, which `load_model` says explicitly (the
+# constructors now default to the tiling-invariant "layer", ctld/models/layers.py).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = {"AutoencoderKL3D": {1, 2, 3}, "UNet3D": {2, 3}}
 # The export as a whole (ctld.json's format_version). 3: ctld.json records the inference settings the model was
 # validated with (`infer`), what it saw in training (`domain`) and its VAE's hash (`vae_sha256`), and the folder
 # holds a model card (README.md, model_card.json). Version 2 exports ran with whatever settings the user had.
@@ -126,7 +128,10 @@ def load_model(directory: str | Path, name: str, device: str | torch.device = "c
             "repeated thick latents): retrain the diffusion stage with this ctld on the same VAE export"
         )
     try:
-        model = MODEL_CLASSES[cls_name](**spec["kwargs"])
+        kwargs = dict(spec["kwargs"])
+        if spec["format_version"] < 3:
+            kwargs.setdefault("norm_type", "group")
+        model = MODEL_CLASSES[cls_name](**kwargs)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{spec_path}: the {cls_name} arguments are damaged ({type(error).__name__}: {error}); "
                          f"{DAMAGED_HINT}") from error

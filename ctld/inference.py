@@ -28,7 +28,7 @@ from ctld.data.domain import check_input, input_differences
 from ctld.data.geometry import check_thick_input
 from ctld.export import read_export_meta
 from ctld.infer_settings import describe, resolve_settings
-from ctld.inferer import fit_depth_windows, interpolate_at_spacing
+from ctld.inferer import interpolate_at_spacing
 from ctld.predictors import CtldPredictor
 from ctld.series_io import read_input, thin_volume_like, write_output
 
@@ -68,6 +68,12 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth_overlap", type=int, default=None,
                         help="contributing thick slices shared (blended) by neighbouring windows")
     parser.add_argument("--inplane_overlap", type=float, default=None, help="fraction of a tile shared by neighbours")
+    parser.add_argument("--window_depth", type=int, default=None,
+                        help="thick slices per window; 0 = automatic (16 for a fully convolutional model, else its "
+                             "training depth)")
+    parser.add_argument("--tile_size", type=int, default=None,
+                        help="in-plane tile edge in pixels; 0 = automatic (whole slices up to 512 px for a fully "
+                             "convolutional model, else its training patch)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--adapt", dest="adapt_steps", type=int, default=None, metavar="STEPS",
                         help="fine-tune a copy of the U-Net for STEPS steps on in-plane pairs of the thick series "
@@ -75,7 +81,8 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapt_lr", type=float, default=None, help="AdamW learning rate of --adapt")
     parser.add_argument("--adapt_seed", type=int, default=None, help="seed of --adapt (same seed -> same weights)")
     parser.add_argument("--adapt_batch_size", type=int, default=None, help="patches per --adapt step")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no progress bar (there is none anyway when stderr is not a terminal)")
 
 
 def check_adapt_settings(cfg: InferConfig) -> None:
@@ -96,6 +103,13 @@ def adapted_export(export, thick_hu, spacing_mm, cfg: InferConfig, device):
 
     return adapt_export(export, thick_hu, spacing_mm, steps=cfg.adapt_steps, seed=cfg.adapt_seed, lr=cfg.adapt_lr,
                         batch_size=cfg.adapt_batch_size, device=device)
+
+
+def window_kwargs(cfg: InferConfig) -> dict:
+    """The sliding-window settings of `cfg` as `ctld.inferer.interpolate_volume` keywords."""
+    return {"depth_context": cfg.depth_context, "depth_overlap": cfg.depth_overlap,
+            "inplane_overlap": cfg.inplane_overlap, "batch_size": cfg.batch_size, "window_depth": cfg.window_depth,
+            "tile_size": cfg.tile_size}
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -161,14 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         predictor = CtldPredictor(export, mode=cfg.mode, sampler=cfg.sampler,
                                   num_inference_steps=cfg.num_inference_steps, num_samples=cfg.num_samples,
                                   seed=cfg.seed, device=device)
-        depth_thick = int(meta["depth_thick"])
-        context, overlap = fit_depth_windows(depth_thick, cfg.depth_context, cfg.depth_overlap)
         thin_hu = interpolate_at_spacing(
             volume.hu, predictor, pixel_spacing_mm=volume.spacing_mm[1:],
-            model_pixel_spacing_mm=meta.get("inplane_spacing_mm"), factor=factor, depth_thick=depth_thick,
+            model_pixel_spacing_mm=meta.get("inplane_spacing_mm"), factor=factor, depth_thick=int(meta["depth_thick"]),
             patch_size=int(meta["patch_size"]), hu_range=(float(meta["hu_min"]), float(meta["hu_max"])),
-            depth_context=context, depth_overlap=overlap, inplane_overlap=cfg.inplane_overlap,
-            batch_size=cfg.batch_size, device=device, progress=not args.no_progress,
+            **window_kwargs(cfg), device=device, progress=False if args.no_progress else None,
         )
         thin = thin_volume_like(volume, thin_hu, factor)
         written = write_output(thin, args.out, args.format or kind, reference=reference)

@@ -17,6 +17,17 @@ ctld/predictors.py, reading and writing series in ctld/series_io.py, the CLI in 
   profile x in-plane map) and costs no full volume.
 - memory: the output volume is accumulated in place, windows are made batch by batch; nothing else scales
   with the series length.
+- window size: a model without per-sample statistics (norm_type "layer", no attention) is fully convolutional, so
+  `resolve_window` gives it windows far larger than its training patch (whole slices up to 512 pixels, up to 32
+  thick slices): fewer windows, fewer edges, less context recomputed. A GroupNorm or attention model keeps its
+  training patch. Windows start in phase with the model's strides (`stride_periods`), since a strided network is
+  shift-equivariant only by multiples of its strides.
+- HU beyond the model's window: the model sees and returns [hu_min, hu_max]. Where the linear interpolation of the
+  input lies outside that window (padding such as -3024 or -2000, metal, dense contrast), the thin series carries
+  that interpolation instead: the model knows nothing there, padding stays exactly the padding value viewers key
+  on, and MAE in HU keeps its meaning. Linear, not cubic: it never overshoots, so it invents no new extremes.
+- `grid_shift` moves the window grid against the image (`ctld-eval --tiling_check`): a tiling-invariant model
+  gives the same thin series either way.
 With `predict_fn` = per-window cubic interpolation, the result equals cubic interpolation of the whole volume
 (tests/test_inference.py), which is what makes the stitching trustworthy for the diffusion model.
 """
@@ -24,6 +35,7 @@ With `predict_fn` = per-window cubic interpolation, the result equals cubic inte
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -36,6 +48,10 @@ from ctld.data.transforms import hu_to_model, model_to_hu
 logger = logging.getLogger(__name__)
 
 AIR_HU = -1024.0
+# resolve_window: the largest in-plane tile and window depth (thick slices) a fully convolutional model gets. A
+# 32 x 512 x 512 window of the demo's model peaks near 7 GB on a CPU; larger windows only cost memory.
+AUTO_TILE_MAX = 512
+AUTO_WINDOW_DEPTH_MAX = 32
 # (B, 1, depth, P, P) float32 window batch -> (B, 1, depth * factor, P, P), in model units or HU (see hu_range).
 # A predictor with a `prior_fn` attribute is also given the matching windows of its prior (B, 1, depth * factor,
 # P, P) as a second argument: the prior is computed once on the whole (padded) volume, so a window's edge slices
@@ -79,8 +95,9 @@ class WindowPlan:
     depth_thick: int
     depth_context: int
     patch_size: int
-    pad_depth_end: int  # replicated slices added after the `depth_context` ones at the end (short volumes)
-    pad_y: int  # air rows added before the image (in-plane centring of small images)
+    pad_depth_start: int  # replicated slices before the volume: `depth_context` plus the grid's depth shift
+    pad_depth_end: int  # replicated slices after the volume: `depth_context`, plus fill for short volumes and phase
+    pad_y: int  # air rows added before the image (in-plane centring of small images, plus the grid's shift)
     pad_x: int
     padded_shape: tuple[int, int, int]
     depth_starts: tuple[int, ...]
@@ -92,6 +109,10 @@ class WindowPlan:
         return len(self.depth_starts) * len(self.y_starts) * len(self.x_starts)
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def plan_windows(
     shape: tuple[int, int, int],
     *,
@@ -101,13 +122,25 @@ def plan_windows(
     depth_context: int,
     depth_overlap: int,
     inplane_overlap: float,
+    grid_shift: tuple[int, int, int] = (0, 0, 0),
+    depth_period: int = 1,
+    inplane_period: int = 1,
 ) -> WindowPlan:
-    """Lay out the depth windows and in-plane tiles for a thick volume of `shape` (D, H, W)."""
+    """Lay out the depth windows and in-plane tiles for a thick volume of `shape` (D, H, W).
+
+    `grid_shift` (thick slices, rows, columns) moves the whole grid back against the volume by that much (more
+    padding before it). Every window starts a multiple of `depth_period` thick slices and `inplane_period` pixels
+    from the volume's first voxel: a model with strided layers is shift-equivariant only by multiples of its
+    strides, so windows on another phase of the stride grid would give other values (bands at window borders).
+    Padding at the start is rounded up (and strides down) to keep that phase, whatever the shift.
+    """
     depth, height, width = shape
     if min(shape) < 1:
         raise ValueError(f"empty volume of shape {shape}")
     if factor < 1 or depth_thick < 1 or patch_size < 1:
         raise ValueError(f"factor, depth_thick and patch_size must be >= 1, got {factor}, {depth_thick}, {patch_size}")
+    if depth_period < 1 or inplane_period < 1:
+        raise ValueError(f"depth_period and inplane_period must be >= 1, got {depth_period}, {inplane_period}")
     depth_stride = depth_thick - 2 * depth_context - depth_overlap
     if depth_context < 0 or depth_overlap < 0 or depth_stride < 1:
         raise ValueError(
@@ -115,12 +148,32 @@ def plan_windows(
             f"and share {depth_overlap} with the next window (need depth_thick - 2*depth_context - depth_overlap "
             f">= 1, got {depth_stride}); lower infer.depth_context or infer.depth_overlap"
         )
+    if depth_stride < depth_period:
+        raise ValueError(
+            f"depth windows of {depth_thick} thick slices advance by {depth_stride}, less than the model's depth "
+            f"stride period of {depth_period} thick slices; use deeper windows (infer.window_depth) or less "
+            "context / overlap"
+        )
     if not 0.0 <= inplane_overlap < 1.0:
         raise ValueError(f"inplane_overlap must be in [0, 1), got {inplane_overlap}")
-    padded_depth = max(depth + 2 * depth_context, depth_thick)
-    pad_depth_end = padded_depth - depth - 2 * depth_context
-    padded_height, padded_width = max(height, patch_size), max(width, patch_size)
+    shift_d, shift_y, shift_x = grid_shift
+    if min(grid_shift) < 0:
+        raise ValueError(f"grid_shift must be >= 0, got {grid_shift}")
+    depth_stride -= depth_stride % depth_period
+    pad_depth_start = _round_up(depth_context + shift_d, depth_period)
+    padded_depth = max(pad_depth_start + depth + depth_context, depth_thick)
+    padded_depth += -(padded_depth - depth_thick) % depth_period  # the last window, flush with the end, in phase
     tile_stride = max(1, int(round(patch_size * (1.0 - inplane_overlap))))
+    tile_stride = max(inplane_period, tile_stride - tile_stride % inplane_period)
+
+    def inplane(size: int, shift: int) -> tuple[int, int]:
+        """(air before the image, padded size): small images centred in a tile, in phase with the strides."""
+        before = _round_up(shift + max(0, patch_size - size - shift) // 2, inplane_period)
+        padded = max(before + size, patch_size)
+        return before, padded + (-(padded - patch_size) % inplane_period)
+
+    pad_y, padded_height = inplane(height, shift_y)
+    pad_x, padded_width = inplane(width, shift_x)
     return WindowPlan(
         depth=depth,
         height=height,
@@ -129,9 +182,10 @@ def plan_windows(
         depth_thick=depth_thick,
         depth_context=depth_context,
         patch_size=patch_size,
-        pad_depth_end=pad_depth_end,
-        pad_y=(padded_height - height) // 2,
-        pad_x=(padded_width - width) // 2,
+        pad_depth_start=pad_depth_start,
+        pad_depth_end=padded_depth - depth - pad_depth_start,
+        pad_y=pad_y,
+        pad_x=pad_x,
         padded_shape=(padded_depth, padded_height, padded_width),
         depth_starts=tuple(_starts(padded_depth, depth_thick, depth_stride)),
         y_starts=tuple(_starts(padded_height, patch_size, tile_stride)),
@@ -144,7 +198,7 @@ def _pad(thick_hu: np.ndarray, plan: WindowPlan) -> np.ndarray:
     _, padded_height, padded_width = plan.padded_shape
     pad_y_end = padded_height - plan.height - plan.pad_y
     pad_x_end = padded_width - plan.width - plan.pad_x
-    out = np.pad(thick_hu, ((plan.depth_context, plan.depth_context + plan.pad_depth_end), (0, 0), (0, 0)), mode="edge")
+    out = np.pad(thick_hu, ((plan.pad_depth_start, plan.pad_depth_end), (0, 0), (0, 0)), mode="edge")
     if plan.pad_y or pad_y_end or plan.pad_x or pad_x_end:
         out = np.pad(out, ((0, 0), (plan.pad_y, pad_y_end), (plan.pad_x, pad_x_end)), constant_values=AIR_HU)
     return out
@@ -163,7 +217,10 @@ def interpolate_volume(
     inplane_overlap: float = 0.25,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
-    progress: bool = True,
+    progress: bool | None = None,
+    grid_shift: tuple[int, int, int] = (0, 0, 0),
+    window_depth: int = 0,
+    tile_size: int = 0,
 ) -> np.ndarray:
     """Thin volume from a thick one by sliding `predict_fn` over windows and blending.
 
@@ -172,23 +229,33 @@ def interpolate_volume(
         predict_fn: (B, 1, depth_thick, P, P) float32 on `device` -> (B, 1, depth_thick * factor, P, P); with a
             `prior_fn` attribute (whole padded thick volume -> its thin-grid prior) it also gets the prior's windows.
         factor: thin slices per thick slice.
-        depth_thick: thick slices per window (the model's training depth).
-        patch_size: in-plane tile edge P in pixels.
+        depth_thick: the model's training depth in thick slices (a window's depth unless `window_depth` says).
+        patch_size: the model's training patch edge in pixels (the tile edge unless `tile_size` says).
         hu_range: (hu_min, hu_max): windows go to `predict_fn` in model units [-1, 1] (`hu_to_model`) and its
             output is mapped back with `model_to_hu`; None: `predict_fn` works in HU directly.
         depth_context: thick slices at each window end that are context only.
         depth_overlap: contributing thick slices shared by neighbouring windows (blended).
         inplane_overlap: fraction of a tile shared with its neighbour.
         batch_size: windows per `predict_fn` call.
+        progress: a progress bar; None = only when stderr is a terminal (redirected logs get no bar updates).
+        grid_shift: (thick slices, rows, columns) by which the window grid is moved against the volume.
+        window_depth, tile_size: window depth (thick slices) and tile edge (pixels); 0 = `resolve_window`'s choice.
+        The depth context and overlap are shrunk to fit the window (`fit_depth_windows`).
 
     Returns:
-        (D * factor, H, W) float32 thin HU on the grid of docs/DESIGN.md (thin slice m of slab k = m // factor).
+        (D * factor, H, W) float32 thin HU on the grid of docs/DESIGN.md (thin slice m of slab k = m // factor); with
+        `hu_range`, voxels whose linear interpolation lies outside it carry that interpolation (module docstring).
     """
     thick_hu = np.asarray(thick_hu)
     if thick_hu.ndim != 3:
         raise ValueError(f"interpolate_volume needs a (D, H, W) thick volume, got shape {thick_hu.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    depth_thick, patch_size, batch_size = resolve_window(
+        predict_fn, thick_hu.shape, depth_thick=depth_thick, patch_size=patch_size, batch_size=batch_size,
+        depth_context=depth_context, depth_overlap=depth_overlap, window_depth=window_depth, tile_size=tile_size)
+    depth_context, depth_overlap = fit_depth_windows(depth_thick, depth_context, depth_overlap)
+    depth_period, inplane_period = stride_periods(predict_fn, factor)
     plan = plan_windows(
         thick_hu.shape,
         factor=factor,
@@ -197,6 +264,9 @@ def interpolate_volume(
         depth_context=depth_context,
         depth_overlap=depth_overlap,
         inplane_overlap=inplane_overlap,
+        grid_shift=grid_shift,
+        depth_period=depth_period,
+        inplane_period=inplane_period,
     )
     padded = _pad(thick_hu, plan)
     prior_fn = getattr(predict_fn, "prior_fn", None)
@@ -235,7 +305,8 @@ def interpolate_volume(
         plan.depth, plan.height, plan.width, thin_depth, len(plan.depth_starts),
         len(plan.y_starts) * len(plan.x_starts), len(windows), batch_size,
     )
-    with tqdm(total=len(windows), desc="windows", unit="win", disable=not progress) as bar:
+    disable = None if progress is None else not progress  # tqdm: None = off unless stderr is a terminal
+    with tqdm(total=len(windows), desc="windows", unit="win", disable=disable) as bar:
         for batch_windows in _batches(windows, batch_size):
             batch = np.stack(
                 [padded[d0 : d0 + depth_thick, y0 : y0 + patch_size, x0 : x0 + patch_size] for d0, y0, x0 in
@@ -262,7 +333,66 @@ def interpolate_volume(
             bar.update(len(batch_windows))
     out /= depth_norm.float().to(device)[:, None, None]
     out /= plane_norm.float().to(device)[None]
-    return out.cpu().numpy()
+    thin = out.cpu().numpy()
+    if hu_range is not None:
+        keep_beyond_window(thin, thick_hu, factor, hu_range)
+    return thin
+
+
+def keep_beyond_window(thin_hu: np.ndarray, thick_hu: np.ndarray, factor: int, hu_range: tuple[float, float]) -> None:
+    """In place: where the linear interpolation of `thick_hu` lies outside `hu_range` (the model's window), `thin_hu`
+    takes that interpolation (module docstring: padding, metal and dense contrast are kept, never clipped)."""
+    from ctld.baselines import interpolate_z
+
+    hu_min, hu_max = hu_range
+    if float(thick_hu.min()) >= hu_min and float(thick_hu.max()) <= hu_max:
+        return  # linear interpolation stays within the input's range
+    linear = interpolate_z(np.asarray(thick_hu, dtype=np.float32), factor, "linear")
+    beyond = (linear < hu_min) | (linear > hu_max)
+    thin_hu[beyond] = linear[beyond]
+
+
+def stride_periods(predict_fn: PredictFn, factor: int) -> tuple[int, int]:
+    """(thick slices, pixels) by which a predictor's output shifts with its input: its `tile_multiple` in-plane; in
+    depth its `depth_multiple` thin slices, i.e. the fewest whole thick slabs that span a multiple of it."""
+    depth_multiple = int(getattr(predict_fn, "depth_multiple", 1))
+    return depth_multiple // math.gcd(depth_multiple, factor), int(getattr(predict_fn, "tile_multiple", 1))
+
+
+def resolve_window(predict_fn: PredictFn, shape: tuple[int, ...], *, depth_thick: int, patch_size: int,
+                   batch_size: int, depth_context: int = 0, depth_overlap: int = 0, window_depth: int = 0,
+                   tile_size: int = 0) -> tuple[int, int, int]:
+    """(window depth in thick slices, tile edge in pixels, windows per batch) for `predict_fn` on a (D, H, W) thick
+    volume. 0 = choose: a predictor whose `fully_convolutional` attribute is true (no statistic spans voxels, so a
+    window's interior does not depend on the window) gets whole slices up to AUTO_TILE_MAX pixels and the fewest
+    windows of at most AUTO_WINDOW_DEPTH_MAX slices, made equal (a short series is one window: nothing is computed
+    twice); any other keeps its training window (GroupNorm statistics of a larger window would differ from those
+    it was trained with). A window larger than the training one gets a proportionally smaller batch, so memory stays
+    near the configured one."""
+    fully_convolutional = bool(getattr(predict_fn, "fully_convolutional", False))
+    multiple = int(getattr(predict_fn, "tile_multiple", 1))
+    depth, height, width = shape[-3:]
+    if window_depth < 0 or tile_size < 0:
+        raise ValueError(f"window_depth and tile_size must be >= 0 (0 = automatic), got {window_depth}, {tile_size}")
+    if tile_size and tile_size % multiple:
+        raise ValueError(f"tile_size {tile_size} must be a multiple of {multiple} (the model's in-plane strides)")
+    if not window_depth:
+        window_depth = depth_thick
+        if fully_convolutional:
+            span = depth + 2 * depth_context  # thick slices the windows cover, context included
+            shared = 2 * depth_context + depth_overlap  # slices neighbouring windows both compute
+            count = 1 if span <= AUTO_WINDOW_DEPTH_MAX else 1 + math.ceil(
+                (span - AUTO_WINDOW_DEPTH_MAX) / max(1, AUTO_WINDOW_DEPTH_MAX - shared))
+            window_depth = max(depth_thick, math.ceil((span + (count - 1) * shared) / count) + (count > 1))
+    if not tile_size:
+        tile_size = patch_size
+        if fully_convolutional:
+            extent = min(max(height, width), AUTO_TILE_MAX)
+            tile_size = max(patch_size, _round_up(extent, multiple))
+    enlargement = (window_depth * tile_size**2) / float(depth_thick * patch_size**2)
+    if enlargement > 1:
+        batch_size = max(1, int(batch_size / enlargement))
+    return window_depth, tile_size, batch_size
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -274,7 +404,7 @@ def _depth_span(start: int, plan: WindowPlan, keep_lo: int, keep_hi: int) -> tup
     """Output thin rows [lo, hi) written by the window starting at padded thick slice `start`, and the window's
     rows [src_lo, src_lo + hi - lo) (relative to its kept part) that land there."""
     thin_depth = plan.depth * plan.factor
-    first = (start - plan.depth_context) * plan.factor + keep_lo  # output thin index of the first kept row
+    first = (start - plan.pad_depth_start) * plan.factor + keep_lo  # output thin index of the first kept row
     lo, hi = max(first, 0), min(first + keep_hi - keep_lo, thin_depth)
     return lo, hi, lo - first, keep_lo + lo - first
 

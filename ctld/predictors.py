@@ -25,6 +25,18 @@ def baseline_predictor(factor: int, method: str) -> PredictFn:
     return lambda thick: interpolate_z(thick, factor, method)
 
 
+def is_fully_convolutional(*models) -> bool:
+    """True when no layer of `models` computes statistics over voxels (norm_type "layer", no attention): their output
+    on a voxel depends on its receptive field only, so inference windows may be larger than the training patch
+    (ctld.inferer.resolve_window)."""
+    return all(getattr(m, "norm_type", "group") == "layer" and not getattr(m, "has_attention", True) for m in models)
+
+
+def tile_multiple(vae, unet=None) -> int:
+    """The in-plane size every tile must be a multiple of: the VAE's strides (times the U-Net's on the latent)."""
+    return int(vae.inplane_factor) * (int(unet.inplane_multiple) if unet is not None else 1)
+
+
 def autocast_context(device: torch.device | str):
     """bf16 autocast on CUDA; fp32 elsewhere (bf16 Conv3d on CPU is about 35x slower than fp32)."""
     device = torch.device(device)
@@ -72,6 +84,9 @@ class CtldPredictor:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # The engine computes pixel-space priors once per volume; a latent-space prior comes from each window.
         self.prior_fn = None if self.spec.prior == "latent_cubic" else self.spec.prior_pixels
+        self.fully_convolutional = is_fully_convolutional(self.vae, self.unet)
+        self.tile_multiple = tile_multiple(self.vae, self.unet)
+        self.depth_multiple = int(self.unet.depth_multiple)  # thin slices: the U-Net's depth strides
 
     def __call__(self, thick: torch.Tensor, prior_pixels: torch.Tensor | None = None) -> torch.Tensor:
         from ctld.diffusion import decode_latents, regress, sample
@@ -105,6 +120,8 @@ def prior_predictor(export, device: torch.device | str = "cpu") -> PredictFn:
             return decode_latents(vae, spec.prior_latents(vae, thick, pixels=prior_pixels)).float()
 
     predict.prior_fn = None if spec.prior == "latent_cubic" else spec.prior_pixels
+    predict.fully_convolutional = is_fully_convolutional(vae)
+    predict.tile_multiple = tile_multiple(vae)
     return predict
 
 
@@ -115,4 +132,6 @@ def vae_predictor(vae, device: torch.device | str = "cpu") -> PredictFn:
         with autocast_context(device):
             return vae.decode(vae.encode(x).mode()).float()
 
+    predict.fully_convolutional = is_fully_convolutional(vae)
+    predict.tile_multiple = tile_multiple(vae)
     return predict

@@ -200,7 +200,9 @@ def train(cfg: Config) -> None:
     nonfinite_in_row = 0
     validated: tuple[int, dict] | None = None
     meter = LogMeter(device, cfg.train.time_phases)
-    progress = tqdm(total=last_step, initial=step, desc=f"{stage} steps", disable=not accelerator.is_local_main_process)
+    # disable=None: a bar only on a terminal; a redirected log gets the log_every lines, not carriage-return updates.
+    progress = tqdm(total=last_step, initial=step, desc=f"{stage} steps",
+                    disable=None if accelerator.is_local_main_process else True)
     model.train()
     accumulation_bad = False  # a non-finite loss in this accumulation window: drop the whole optimizer step
     deepspeed_accumulates = accelerator.distributed_type == DistributedType.DEEPSPEED and (

@@ -110,6 +110,112 @@ def test_window_settings_are_checked():
                            depth_context=0, depth_overlap=0, progress=False)
 
 
+def _fully_convolutional_predictor(norm_type: str):
+    """A small random residual model (zero-initialised VAE, one-level U-Net) whose receptive field (~24 px, ~12 thin
+    slices) fits the windows below; norm_type group gives the same model with per-sample statistics."""
+    from ctld.config import DiffusionConfig
+    from ctld.diffusion import ResidualSpec, build_train_scheduler
+    from ctld.export import Export
+    from ctld.models.unet import UNet3D
+    from ctld.models.vae import AutoencoderKL3D
+    from ctld.predictors import CtldPredictor
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL3D(channels=(4, 4), latent_channels=4, norm_num_groups=4, norm_type=norm_type,
+                          zero_init_residual=True).eval()
+    unet = UNet3D(latent_channels=4, factor=5, channels=(8,), num_res_blocks=1, depth_downsample=(),
+                  attention_levels=(False,), norm_num_groups=4, norm_type=norm_type).eval()
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.05)
+    spec = ResidualSpec(prior="encode_cubic", factor=5, residual_scale=5.0, strength=0.5, num_train_timesteps=1000)
+    export = Export(vae=vae, unet=unet, scheduler=build_train_scheduler(DiffusionConfig()),
+                    meta={"factor": 5, **spec.to_meta()})
+    return CtldPredictor(export)
+
+
+def test_a_shifted_window_grid_gives_the_same_thin_series_with_a_fully_convolutional_model():
+    """The tiling check of ctld-eval --tiling_check: the window grid moved by half a window in every axis. With a
+    per-voxel norm the two thin series agree to far below a HU inside the image; with GroupNorm (statistics per
+    window) they differ by several HU everywhere (the tile-to-tile brightness steps readers saw)."""
+    from scipy.ndimage import gaussian_filter
+
+    from ctld.metrics import psnr
+
+    rng = np.random.default_rng(0)
+    thick = gaussian_filter(rng.normal(0, 400, (8, 96, 96)), 2) + 40
+    thick[:, :, :40] -= 700  # two tissues, so per-window statistics differ between windows
+    thick = thick.astype(np.int16)
+    window = dict(factor=5, depth_thick=4, patch_size=16, hu_range=(-1024.0, 2048.0), depth_context=3,
+                  depth_overlap=1, inplane_overlap=0.25, batch_size=2, progress=False, window_depth=14, tile_size=96)
+    soft = {}
+    for norm_type in ("layer", "group"):
+        predictor = _fully_convolutional_predictor(norm_type)
+        assert predictor.fully_convolutional == (norm_type == "layer") and predictor.tile_multiple == 2
+        inner = (slice(None), slice(28, 68), slice(28, 68))  # image borders: zero padding vs air, not tiling
+        one = interpolate_volume(thick, predictor, **window)[inner]
+        shifted = interpolate_volume(thick, predictor, grid_shift=(7, 48, 48), **window)[inner]
+        soft[norm_type] = psnr(shifted, one, (-160.0, 240.0))
+    assert soft["layer"] > 60.0  # measured 70.1
+    assert soft["group"] < soft["layer"] - 10.0  # measured 55.4
+
+
+def test_resolve_window_grows_windows_only_for_fully_convolutional_models():
+    from ctld.inferer import resolve_window
+
+    def plain(x):
+        return x
+
+    def fully(x):
+        return x
+
+    fully.fully_convolutional, fully.tile_multiple = True, 4
+    training = dict(depth_thick=4, patch_size=48, batch_size=8, depth_context=2, depth_overlap=1)
+    assert resolve_window(plain, (28, 512, 512), **training) == (4, 48, 8)
+    # 28 slices and their context are one window (nothing computed twice); batch scaled to the larger window.
+    assert resolve_window(fully, (28, 512, 512), **training) == (32, 512, 1)
+    assert resolve_window(fully, (3, 100, 90), **training) == (7, 100, 1)
+    assert resolve_window(fully, (60, 512, 512), **training)[0] == 26  # 3 equal windows, not 32 + 32 + a sliver
+    assert resolve_window(fully, (28, 700, 700), **training)[1] == 512
+    assert resolve_window(fully, (28, 512, 512), **training, window_depth=8, tile_size=128) == (8, 128, 1)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        resolve_window(fully, (28, 512, 512), **training, tile_size=130)
+
+
+def test_hu_outside_the_model_window_is_kept_through_ctld_infer(tmp_path, infer_tiny_export):
+    """-3024 HU padding outside the field of view and a 15000 HU hot spot: the model sees [-1024, 2048], yet the thin
+    series keeps the padding exactly and the hot spot at the linear interpolation of the input, in DICOM and NIfTI;
+    there, MAE in HU against the true thin series is linear interpolation's instead of thousands of HU."""
+    import nibabel as nib
+
+    from ctld.data.dicom_write import write_dicom_series
+
+    rng = np.random.default_rng(0)
+    thin = (40 + 30 * rng.standard_normal((40, 40, 40))).astype(np.float32)
+    yy, xx = np.mgrid[:40, :40]
+    outside = (yy - 19.5) ** 2 + (xx - 19.5) ** 2 > 18**2
+    thin[:, outside] = -3024.0
+    thin[15:25, 18:22, 18:22] = 15000.0  # metal / dense contrast over two thick slabs, inside the body
+    thin_volume = Volume(thin.astype(np.int16), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), np.eye(3))
+    thick = _thick_of(thin_volume, 5)
+    write_dicom_series(thick, tmp_path / "thick", patient={"PatientName": "HU^KEPT"}, series_description="thick")
+    args = ["--checkpoint", str(infer_tiny_export), "--format", "both", "--no_progress"]
+    assert main([str(tmp_path / "thick"), "--out", str(tmp_path / "out"), *args]) == 0
+
+    datasets = [pydicom.dcmread(f) for f in sorted((tmp_path / "out" / "dicom").glob("*.dcm"))]
+    dicom_hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets])
+    nifti_hu = np.asarray(nib.load(tmp_path / "out" / "thin.nii.gz").dataobj).transpose(2, 1, 0)
+    np.testing.assert_array_equal(nifti_hu, dicom_hu)
+    assert (dicom_hu[:, outside] == -3024).all()  # padding comes through unchanged
+    linear = interpolate_z(thick.hu, 5, "linear")
+    hot = linear > 2048
+    assert hot.any() and dicom_hu.max() == 15000
+    np.testing.assert_allclose(dicom_hu[hot], np.round(linear[hot]), atol=1)
+    # Where the model knows nothing the error is interpolation's (a random model's errors elsewhere are not scored).
+    beyond = (linear < -1024) | (linear > 2048)
+    mae_beyond = np.abs(dicom_hu - thin)[beyond].mean()
+    assert mae_beyond <= np.abs(np.round(linear) - thin)[beyond].mean() + 0.5
+    assert np.abs(np.clip(dicom_hu, -1024, 2048) - thin)[beyond].mean() > 1000  # what clipping used to cost
+
+
 # ---------------------------------------------------------------------------------------------- geometry
 
 

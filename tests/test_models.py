@@ -68,8 +68,9 @@ def test_posterior_sample_is_seeded_and_kl_is_zero_for_standard_normal():
     assert torch.allclose(shifted.kl(), torch.tensor([0.5 * 16]))  # 0.5 * sum(mean^2) over 16 elements
 
 
-@pytest.mark.parametrize("kwargs", [{"channels": (4, 6)}, {"norm_num_groups": 0}, {"channels": ()},
-                                    {"latent_channels": 0}, {"scaling_factor": 0.0}])
+@pytest.mark.parametrize("kwargs", [{"channels": (4, 6), "norm_type": "group"}, {"norm_num_groups": 0},
+                                    {"channels": ()}, {"latent_channels": 0}, {"scaling_factor": 0.0},
+                                    {"norm_type": "batch"}])
 def test_vae_bad_config_raises(kwargs):
     with pytest.raises(ValueError, match="AutoencoderKL3D"):
         AutoencoderKL3D(**{**TINY_VAE, **kwargs})
@@ -192,7 +193,8 @@ def test_fresh_unet_predicts_a_zero_residual():
     [
         ({"depth_downsample": (True, True)}, "depth_downsample needs one entry per level transition"),
         ({"attention_levels": (True,)}, "attention_levels needs one entry per level"),
-        ({"norm_num_groups": 3}, "norm_num_groups=3 must divide"),
+        ({"norm_num_groups": 3, "norm_type": "group"}, "norm_num_groups=3 must divide"),
+        ({"norm_type": "instance"}, "norm_type must be one of"),
         ({"attention_head_dim": 5}, "attention_head_dim=5 must divide"),
         ({"factor": 0}, "factor must be a positive integer"),
     ],
@@ -343,3 +345,73 @@ def test_vae_shortcut_is_exact_when_the_latent_holds_every_pixel():
             conv.bias.zero_()
     flat = torch.full((1, 1, 2, 8, 8), 0.25)
     torch.testing.assert_close(vae8.decode(vae8.encode(flat).mode()), flat)
+
+
+# ---------------------------------------------------------------------------------------------- tiling invariance
+
+
+def _interior_difference(model_fn, whole: torch.Tensor, offset: int, margin: int) -> float:
+    """Max |model(crop) - model(whole)| on the crop's part that is `margin` pixels from its new (top/left) edges;
+    the crop keeps the whole input's bottom/right edges, so only the cut edges can matter."""
+    full = model_fn(whole)
+    cropped = model_fn(whole[..., offset:, offset:])
+    return float((cropped[..., margin:, margin:] - full[..., offset + margin :, offset + margin :]).abs().max())
+
+
+@pytest.mark.parametrize("norm_type", ["layer", "group"])
+def test_layer_norm_models_are_fully_convolutional(norm_type):
+    """With norm_type layer a voxel's output depends on its receptive field only: a crop gives the same values as the
+    whole input away from the cut. GroupNorm normalises over the whole input, so every value moves (what made tiles
+    of a real CT differ in brightness); this is also what shows the check can fail."""
+    torch.manual_seed(0)
+    unet = UNet3D(latent_channels=2, factor=2, channels=(8, 8), num_res_blocks=1, depth_downsample=(True,),
+                  attention_levels=(False, False), norm_num_groups=4, norm_type=norm_type).eval()
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+    vae = AutoencoderKL3D(channels=(4, 8), latent_channels=2, norm_num_groups=4, norm_type=norm_type).eval()
+    noisy, prior = torch.randn(1, 2, 4, 96, 96), torch.randn(1, 2, 4, 96, 96)
+    # Content that differs across the image (left half bright), as anatomy does.
+    noisy[..., :48] += 2.0
+    prior[..., :48] -= 1.0
+    image = torch.randn(1, 1, 4, 96, 96)
+    image[..., :48] += 1.5
+    # Both models see about 36 pixels around a voxel (measured: differences fall to 0 from 32-36 px off the cut).
+    with torch.no_grad():
+        unet_diff = _interior_difference(lambda x: unet(x[:, :2], torch.tensor([3]), x[:, 2:]),
+                                         torch.cat([noisy, prior], dim=1), offset=32, margin=40)
+        vae_diff = _interior_difference(lambda x: vae.decode(vae.encode(x).mode()), image, offset=32, margin=40)
+    if norm_type == "layer":
+        assert unet_diff < 1e-5 and vae_diff < 1e-5
+    else:
+        assert unet_diff > 1e-2 and vae_diff > 1e-2
+
+
+def test_channel_layer_norm_normalises_each_voxel_over_channels():
+    from ctld.models.layers import ChannelLayerNorm
+
+    norm = ChannelLayerNorm(6)
+    x = torch.randn(2, 6, 3, 4, 5) * 3 + 1
+    expected = F.layer_norm(x.permute(0, 2, 3, 4, 1), (6,), eps=1e-6).permute(0, 4, 1, 2, 3)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
+    assert norm(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_models_without_norm_type_in_their_files_load_as_group_norm(tmp_path):
+    """Model files before format 3 were built with GroupNorm: they load as such, weights and outputs unchanged."""
+    import json
+
+    from ctld.export import load_model, save_model
+
+    torch.manual_seed(0)
+    unet = UNet3D(latent_channels=2, factor=2, **{**TINY_UNET, "norm_type": "group"}).eval()
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+    save_model(unet, tmp_path, "unet")
+    spec = json.loads((tmp_path / "unet.json").read_text())
+    assert spec["format_version"] == 3 and spec["kwargs"]["norm_type"] == "group"
+    del spec["kwargs"]["norm_type"]
+    spec["format_version"] = 2
+    (tmp_path / "unet.json").write_text(json.dumps(spec))
+    loaded = load_model(tmp_path, "unet")
+    assert loaded.norm_type == "group"
+    x, prior = torch.randn(1, 2, 4, 8, 8), torch.randn(1, 2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, torch.tensor([5]), prior), unet(x, torch.tensor([5]), prior))

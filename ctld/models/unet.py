@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ctld.models.layers import AttentionBlock3D, ResBlock3D, TimestepEmbedding, group_norm
+from ctld.models.layers import NORM_TYPES, AttentionBlock3D, ResBlock3D, TimestepEmbedding, make_norm
 
 
 class _Downsample(nn.Module):
@@ -55,12 +55,13 @@ class _Upsample(nn.Module):
 class _ResAttn(nn.Module):
     """A residual block, optionally followed by self-attention."""
 
-    def __init__(self, in_channels, out_channels, norm_num_groups, temb_channels, attention, head_dim):
+    def __init__(self, in_channels, out_channels, norm_num_groups, temb_channels, attention, head_dim, norm_type):
         super().__init__()
         self.res = ResBlock3D(in_channels=in_channels, out_channels=out_channels, norm_num_groups=norm_num_groups,
-                              temb_channels=temb_channels)
+                              temb_channels=temb_channels, norm_type=norm_type)
         self.attn = (
-            AttentionBlock3D(channels=out_channels, norm_num_groups=norm_num_groups, head_dim=head_dim)
+            AttentionBlock3D(channels=out_channels, norm_num_groups=norm_num_groups, head_dim=head_dim,
+                             norm_type=norm_type)
             if attention
             else None
         )
@@ -87,7 +88,9 @@ class UNet3D(nn.Module):
             In-plane size always halves.
         attention_levels: one entry per level: self-attention after the residual blocks of that level.
             The mid block has attention when the last level does.
-        norm_num_groups: GroupNorm groups; must divide every entry of `channels`.
+        norm_num_groups: GroupNorm groups; must divide every entry of `channels` (norm_type "group").
+        norm_type: "layer" (per-voxel LayerNorm over channels: fully convolutional, tiling-invariant) or "group"
+            (GroupNorm over each sample: a voxel's output depends on its inference tile; models before the option).
         attention_head_dim: channels per attention head.
         gradient_checkpointing: recompute block activations in backward to save memory.
     """
@@ -104,6 +107,7 @@ class UNet3D(nn.Module):
         norm_num_groups: int = 32,
         attention_head_dim: int = 32,
         gradient_checkpointing: bool = False,
+        norm_type: str = "layer",
     ):
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -125,8 +129,10 @@ class UNet3D(nn.Module):
                 f"UNet3D: attention_levels needs one entry per level ({len(channels)} for channels={channels}), "
                 f"got {attention_levels}"
             )
+        if norm_type not in NORM_TYPES:
+            raise ValueError(f"UNet3D: norm_type must be one of {NORM_TYPES}, got {norm_type!r}")
         bad = [c for c in channels if c % norm_num_groups != 0]
-        if bad:
+        if bad and norm_type == "group":
             raise ValueError(
                 f"UNet3D: norm_num_groups={norm_num_groups} must divide every entry of channels={channels} (not {bad})"
             )
@@ -146,7 +152,10 @@ class UNet3D(nn.Module):
             "norm_num_groups": norm_num_groups,
             "attention_head_dim": attention_head_dim,
             "gradient_checkpointing": bool(gradient_checkpointing),
+            "norm_type": norm_type,
         }
+        self.norm_type = norm_type
+        self.has_attention = any(attention_levels)
         self.latent_channels = latent_channels
         self.factor = factor
         self.gradient_checkpointing = bool(gradient_checkpointing)
@@ -166,7 +175,8 @@ class UNet3D(nn.Module):
         for level, ch in enumerate(channels):
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks):
-                blocks.append(_ResAttn(prev, ch, norm_num_groups, temb_channels, attention_levels[level], head))
+                blocks.append(_ResAttn(prev, ch, norm_num_groups, temb_channels, attention_levels[level], head,
+                                       norm_type))
                 prev = ch
                 skip_channels.append(ch)
             self.down_blocks.append(blocks)
@@ -174,8 +184,8 @@ class UNet3D(nn.Module):
                 self.downsamplers.append(_Downsample(ch, depth_downsample[level]))
                 skip_channels.append(ch)
 
-        self.mid_block1 = _ResAttn(prev, prev, norm_num_groups, temb_channels, attention_levels[-1], head)
-        self.mid_block2 = _ResAttn(prev, prev, norm_num_groups, temb_channels, False, head)
+        self.mid_block1 = _ResAttn(prev, prev, norm_num_groups, temb_channels, attention_levels[-1], head, norm_type)
+        self.mid_block2 = _ResAttn(prev, prev, norm_num_groups, temb_channels, False, head, norm_type)
 
         self.up_blocks = nn.ModuleList()
         self.upsamplers = nn.ModuleList()
@@ -184,7 +194,7 @@ class UNet3D(nn.Module):
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
                 blocks.append(_ResAttn(prev + skip_channels.pop(), ch, norm_num_groups, temb_channels,
-                                       attention_levels[level], head))
+                                       attention_levels[level], head, norm_type))
                 prev = ch
             self.up_blocks.append(blocks)
             if level > 0:
@@ -192,7 +202,7 @@ class UNet3D(nn.Module):
                 prev = channels[level - 1]
         assert not skip_channels, skip_channels
 
-        self.norm_out = group_norm(prev, norm_num_groups)
+        self.norm_out = make_norm(prev, norm_num_groups, norm_type)
         self.conv_out = nn.Conv3d(prev, latent_channels, kernel_size=3, padding=1)
         # Zero residual at initialisation: an untrained model reproduces its prior (SRDiff, ResShift).
         nn.init.zeros_(self.conv_out.weight)
@@ -273,5 +283,6 @@ class UNet3D(nn.Module):
                 x = self._run(block, torch.cat([x, skips.pop()], dim=1), temb)
             if i < len(self.upsamplers):
                 x = self.upsamplers[i](x)
-        x = self.conv_out(F.silu(self.norm_out(x)))  # (B, C, D_pad, h_pad, w_pad)
+        x = F.silu(self.norm_out(x), inplace=not torch.is_grad_enabled())
+        x = self.conv_out(x)  # (B, C, D_pad, h_pad, w_pad)
         return x[:, :, :d, :h, :w]

@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ctld.models.layers import AttentionBlock3D, ResBlock3D, group_norm
+from ctld.models.layers import NORM_TYPES, AttentionBlock3D, ResBlock3D, make_norm
 
 # Initial bias of the encoder's log-variance outputs: posterior std exp(-3) ~ 0.05 at the start. With LDM's
 # tiny KL weight the log-variance ends near here anyway; starting at 0 (std 1) made early posterior samples mostly
@@ -116,16 +116,19 @@ class _Upsample(nn.Module):
 
 
 class _MidBlock(nn.Module):
-    def __init__(self, channels: int, norm_num_groups: int, attention: bool):
+    def __init__(self, channels: int, norm_num_groups: int, attention: bool, norm_type: str):
         super().__init__()
-        self.res1 = ResBlock3D(in_channels=channels, out_channels=channels, norm_num_groups=norm_num_groups)
+        self.res1 = ResBlock3D(in_channels=channels, out_channels=channels, norm_num_groups=norm_num_groups,
+                               norm_type=norm_type)
         # One head over all channels, as in the LDM autoencoder's mid-block attention.
         self.attn = (
-            AttentionBlock3D(channels=channels, norm_num_groups=norm_num_groups, head_dim=channels)
+            AttentionBlock3D(channels=channels, norm_num_groups=norm_num_groups, head_dim=channels,
+                             norm_type=norm_type)
             if attention
             else None
         )
-        self.res2 = ResBlock3D(in_channels=channels, out_channels=channels, norm_num_groups=norm_num_groups)
+        self.res2 = ResBlock3D(in_channels=channels, out_channels=channels, norm_num_groups=norm_num_groups,
+                               norm_type=norm_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.res1(x)
@@ -135,20 +138,22 @@ class _MidBlock(nn.Module):
 
 
 class _Encoder(nn.Module):
-    def __init__(self, in_channels, channels, num_res_blocks, latent_channels, norm_num_groups, mid_attention):
+    def __init__(self, in_channels, channels, num_res_blocks, latent_channels, norm_num_groups, mid_attention,
+                 norm_type):
         super().__init__()
         self.conv_in = nn.Conv3d(in_channels, channels[0], kernel_size=3, padding=1)
         blocks: list[nn.Module] = []
         prev = channels[0]
         for level, ch in enumerate(channels):
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock3D(in_channels=prev, out_channels=ch, norm_num_groups=norm_num_groups))
+                blocks.append(ResBlock3D(in_channels=prev, out_channels=ch, norm_num_groups=norm_num_groups,
+                                         norm_type=norm_type))
                 prev = ch
             if level < len(channels) - 1:
                 blocks.append(_Downsample(ch))
-        blocks.append(_MidBlock(prev, norm_num_groups, mid_attention))
+        blocks.append(_MidBlock(prev, norm_num_groups, mid_attention, norm_type))
         self.blocks = nn.ModuleList(blocks)
-        self.norm_out = group_norm(prev, norm_num_groups)
+        self.norm_out = make_norm(prev, norm_num_groups, norm_type)
         self.conv_out = nn.Conv3d(prev, 2 * latent_channels, kernel_size=3, padding=1)
         self.gradient_checkpointing = False
 
@@ -159,25 +164,28 @@ class _Encoder(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))  # (B, 2 * latent_channels, D, h, w)
+        x = F.silu(self.norm_out(x), inplace=not torch.is_grad_enabled())
+        return self.conv_out(x)  # (B, 2 * latent_channels, D, h, w)
 
 
 class _Decoder(nn.Module):
-    def __init__(self, out_channels, channels, num_res_blocks, latent_channels, norm_num_groups, mid_attention):
+    def __init__(self, out_channels, channels, num_res_blocks, latent_channels, norm_num_groups, mid_attention,
+                 norm_type):
         super().__init__()
         rev = list(reversed(channels))
         self.conv_in = nn.Conv3d(latent_channels, rev[0], kernel_size=3, padding=1)
-        blocks: list[nn.Module] = [_MidBlock(rev[0], norm_num_groups, mid_attention)]
+        blocks: list[nn.Module] = [_MidBlock(rev[0], norm_num_groups, mid_attention, norm_type)]
         prev = rev[0]
         for level, ch in enumerate(rev):
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock3D(in_channels=prev, out_channels=ch, norm_num_groups=norm_num_groups))
+                blocks.append(ResBlock3D(in_channels=prev, out_channels=ch, norm_num_groups=norm_num_groups,
+                                         norm_type=norm_type))
                 prev = ch
             if level < len(rev) - 1:
                 blocks.append(_Upsample(ch, rev[level + 1]))
                 prev = rev[level + 1]
         self.blocks = nn.ModuleList(blocks)
-        self.norm_out = group_norm(prev, norm_num_groups)
+        self.norm_out = make_norm(prev, norm_num_groups, norm_type)
         self.conv_out = nn.Conv3d(prev, out_channels, kernel_size=3, padding=1)
         self.gradient_checkpointing = False
 
@@ -188,7 +196,8 @@ class _Decoder(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))  # (B, out_channels, D, H, W)
+        x = F.silu(self.norm_out(x), inplace=not torch.is_grad_enabled())
+        return self.conv_out(x)  # (B, out_channels, D, H, W)
 
 
 class AutoencoderKL3D(nn.Module):
@@ -200,7 +209,9 @@ class AutoencoderKL3D(nn.Module):
         channels: feature channels per level; the in-plane factor is 2 ** (len(channels) - 1).
         num_res_blocks: residual blocks per level (encoder and decoder).
         latent_channels: channels of the latent.
-        norm_num_groups: GroupNorm groups; must divide every entry of `channels`.
+        norm_num_groups: GroupNorm groups; must divide every entry of `channels` (norm_type "group").
+        norm_type: "layer" (per-voxel LayerNorm over channels: tiling-invariant) or "group" (GroupNorm over each
+            sample; VAEs before the option), see ctld/models/layers.py.
         mid_attention: self-attention in the mid blocks (at the lowest resolution).
         scaling_factor: latents are multiplied by this before diffusion (`posterior.sample() * scaling_factor`)
             and divided by it before `decode`; set it so the scaled latents have unit variance.
@@ -220,6 +231,7 @@ class AutoencoderKL3D(nn.Module):
         scaling_factor: float = 1.0,
         gradient_checkpointing: bool = False,
         zero_init_residual: bool = False,
+        norm_type: str = "layer",
     ):
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -230,8 +242,10 @@ class AutoencoderKL3D(nn.Module):
                 raise ValueError(f"AutoencoderKL3D: {name} must be a positive integer, got {value!r}")
         if len(channels) < 1 or any(c < 1 for c in channels):
             raise ValueError(f"AutoencoderKL3D: channels must be a non-empty list of positive ints, got {channels}")
+        if norm_type not in NORM_TYPES:
+            raise ValueError(f"AutoencoderKL3D: norm_type must be one of {NORM_TYPES}, got {norm_type!r}")
         bad = [c for c in channels if c % norm_num_groups != 0]
-        if bad:
+        if bad and norm_type == "group":
             raise ValueError(
                 f"AutoencoderKL3D: norm_num_groups={norm_num_groups} must divide every entry of channels={channels} "
                 f"(not {bad}); pick channels that are multiples of norm_num_groups"
@@ -249,21 +263,25 @@ class AutoencoderKL3D(nn.Module):
             "scaling_factor": float(scaling_factor),
             "gradient_checkpointing": bool(gradient_checkpointing),
             "zero_init_residual": bool(zero_init_residual),
+            "norm_type": norm_type,
         }
+        self.norm_type = norm_type
+        self.has_attention = bool(mid_attention)
         self.in_channels = in_channels
         self.latent_channels = latent_channels
         self.scaling_factor = float(scaling_factor)
         self.inplane_factor = 2 ** (len(channels) - 1)
         self.out_channels = out_channels
         self.encoder = _Encoder(in_channels, channels, num_res_blocks, latent_channels, norm_num_groups,
-                                mid_attention)
+                                mid_attention, norm_type)
         with torch.no_grad():
             self.encoder.conv_out.bias[latent_channels:].fill_(_LOGVAR_INIT)
         self.decoder = _Decoder(out_channels, channels, num_res_blocks, latent_channels, norm_num_groups,
-                                mid_attention)
+                                mid_attention, norm_type)
         if zero_init_residual:
+            # The log-variance weights too: the posterior starts with a constant std (its bias) everywhere.
             with torch.no_grad():
-                self.encoder.conv_out.weight[:latent_channels].zero_()
+                self.encoder.conv_out.weight.zero_()
                 self.encoder.conv_out.bias[:latent_channels].zero_()
                 self.decoder.conv_out.weight.zero_()
                 self.decoder.conv_out.bias.zero_()
@@ -296,7 +314,14 @@ class AutoencoderKL3D(nn.Module):
                 f"AutoencoderKL3D.encode: H and W must be divisible by the in-plane factor {f} "
                 f"(2 ** (levels - 1)), got H={x.shape[-2]}, W={x.shape[-1]}; crop or pad the patch to a multiple of {f}"
             )
-        moments = self.encoder(x).float()
+        if not self.training and not bool(self.encoder.conv_out.weight.any()):
+            # An untrained zero-initialised encoder (ctld-demo exports one): its output is its bias everywhere, so the
+            # full-resolution convolutions are skipped; exact, and half the cost of inference on a CPU.
+            h, w = x.shape[-2] // f, x.shape[-1] // f
+            moments = self.encoder.conv_out.bias.float()[None, :, None, None, None].expand(x.shape[0], -1, x.shape[2],
+                                                                                           h, w)
+        else:
+            moments = self.encoder(x).float()
         shortcut = _match_channels(_space_to_channel(x.float(), f), self.latent_channels)
         return DiagonalGaussian(moments + torch.cat([shortcut, torch.zeros_like(shortcut)], dim=1))
 
@@ -311,6 +336,9 @@ class AutoencoderKL3D(nn.Module):
         # Posterior samples are fp32; a model cast to bf16 (DeepSpeed bf16) needs bf16 input.
         f = self.inplane_factor
         shortcut = _channel_to_space(_match_channels(z.float(), self.out_channels * f * f), f)
+        conv_out = self.decoder.conv_out
+        if not self.training and not bool(conv_out.weight.any()) and not bool(conv_out.bias.any()):
+            return shortcut.to(conv_out.weight.dtype)  # an untrained zero-initialised decoder adds exactly 0 (encode)
         out = self.decoder(z.to(self.decoder.conv_in.weight.dtype))
         return out + shortcut.to(out.dtype)
 

@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="ctld_bench_train_") as tmp:
         work = Path(tmp)
-        thin_depth = (data.depth_thick + 2) * data.factor
+        # Deep enough for a patch and for the slab filter's taps (fitted on whole volumes at the diffusion start).
+        thin_depth = (max(data.depth_thick, cfg.diffusion.slab_taps) + 2) * data.factor
         shards = build_shard_set(work, volumes=args.volumes, thin_depth=thin_depth, size=data.patch_size + 16)
         train_urls = sorted(str(p) for p in shards.glob("train-*.tar"))
         overrides = [*base_overrides, f"--data.train_urls={'::'.join(train_urls)}",

@@ -167,9 +167,10 @@ def fit_slab_filter(pairs: Iterable[tuple[np.ndarray, np.ndarray]], factor: int,
     half = taps // 2
     gram = np.zeros((factor, taps, taps))
     rhs = np.zeros((factor, taps))
-    count = 0
+    count = volumes = deepest = 0
     for thick, thin in pairs:
         thick = np.asarray(thick, dtype=np.float64)
+        volumes, deepest = volumes + 1, max(deepest, thick.shape[0])
         if thin.shape != (thick.shape[0] * factor, *thick.shape[1:]):
             raise ValueError(f"thin {thin.shape} is not on the thin grid of thick {thick.shape} x factor {factor}")
         flat = thick.reshape(thick.shape[0], -1)
@@ -180,7 +181,12 @@ def fit_slab_filter(pairs: Iterable[tuple[np.ndarray, np.ndarray]], factor: int,
             rhs += target @ window.T
             count += 1
     if count == 0:
-        raise ValueError(f"no thick slice with {half} neighbours on each side to fit the slab filter on")
+        # Say which setting to change: a small-volume set (a CPU smoke run) fits with fewer taps.
+        fits = max(1, 2 * ((deepest - 1) // 2) + 1) if deepest else 1
+        raise ValueError(
+            f"no thick slice with {half} neighbours on each side to fit the slab filter on: the {volumes} training "
+            f"volume(s) read have at most {deepest} thick slices, {taps} taps need {taps}. Pass "
+            f"--diffusion.slab_taps={fits} (odd, <= the thick depth), or build shards of longer series")
     weights = np.zeros((factor, taps))
     ones = np.ones(taps)
     for i in range(factor):

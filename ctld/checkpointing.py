@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import signal
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -83,6 +85,7 @@ def save_checkpoint(
     *,
     ema: EMAModel | None = None,
     keep_last: int = 3,
+    timeout_s: float = 0.0,
 ) -> Path:
     """Save the full training state as `checkpoint-<step>`. Must be called on EVERY rank.
 
@@ -93,7 +96,14 @@ def save_checkpoint(
         trainer_state: JSON-serialisable counters restored by `load_checkpoint` (must hold "step").
         ema: the U-Net EMA, written as safetensors (no pickle) by the main process.
         keep_last: complete checkpoints to keep; older ones are deleted after this one is complete.
+        timeout_s: a save not finished on this rank by then ends the process (`SaveWatchdog`); 0 = no limit.
     """
+    with SaveWatchdog(timeout_s, run_dir, step):
+        return _save_checkpoint(accelerator, run_dir, step, trainer_state, ema=ema, keep_last=keep_last)
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state: dict, *,
+                     ema: EMAModel | None, keep_last: int) -> Path:
     root = checkpoints_dir(run_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
@@ -108,6 +118,7 @@ def save_checkpoint(
     _all_ranks_ok(accelerator, error, f"preparing {tmp}", run_dir)
 
     try:
+        faults.plant_kill_inside_save(accelerator, step)
         accelerator.save_state(str(tmp))
         faults.kill_if_planted("checkpoint", step, accelerator.process_index)
         if accelerator.is_main_process:
@@ -133,6 +144,48 @@ def save_checkpoint(
     return final
 
 
+# Exit code of a rank whose checkpoint save ran past train.checkpoint_timeout_s: 128 + SIGALRM, in the range the
+# PyTorchJob restarts (k8s/README.md), since a rank lost mid-save is a fault a restart from the last checkpoint fixes.
+CHECKPOINT_TIMEOUT_EXIT_CODE = 128 + signal.SIGALRM
+
+
+class SaveWatchdog:
+    """Ends this process when a checkpoint save has not finished within `timeout_s` (0 = never).
+
+    Every rank takes part in a save's collectives (DeepSpeed's tag check and barriers, our `_all_ranks_ok`); when a
+    rank dies inside one, the others wait for it. NCCL and gloo give up only after the process group's timeout
+    (30 minutes by default), DeepSpeed's CPU shared-memory collectives never, and on another node no launcher
+    notices. A blocked collective cannot be interrupted from Python, so a timer thread prints the reason and calls
+    os._exit: the launcher then ends the other ranks. The last complete checkpoint is intact because a save only
+    renames its folder into place after every rank finished writing."""
+
+    def __init__(self, timeout_s: float, run_dir: str | Path, step: int):
+        self.timeout_s, self.run_dir, self.step = float(timeout_s), run_dir, step
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> SaveWatchdog:
+        if self.timeout_s > 0:
+            self._timer = threading.Timer(self.timeout_s, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        found = list_checkpoints(self.run_dir)
+        last = f"{found[-1][1]} is the last complete one" if found else "there is no complete checkpoint yet"
+        # print, not the logger: accelerate's logger is main-process-only and this may be any rank.
+        print(f"ctld train: error: saving {CHECKPOINT_PREFIX}{self.step} did not finish within "
+              f"train.checkpoint_timeout_s={self.timeout_s:g} s on this rank (a rank died or hung inside the "
+              f"collective save); {last}. Exiting with code {CHECKPOINT_TIMEOUT_EXIT_CODE}; rerun with "
+              "--train.resume=latest (raise train.checkpoint_timeout_s if saves to this storage are this slow)",
+              file=sys.stderr, flush=True)
+        os._exit(CHECKPOINT_TIMEOUT_EXIT_CODE)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written on some rank; every rank raises it, none waits at a barrier."""
 
@@ -152,6 +205,49 @@ def _all_ranks_ok(accelerator: Accelerator, error: Exception | None, what: str, 
     ) from error
 
 
+class ResumeError(ValueError):
+    """The checkpoint given to `train.resume` cannot be loaded (damaged, or of another model); the message names
+    the file and what to do, and `ctld/train.py` ends with it in one line, exit code 2."""
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """ResumeError naming the first damaged file of a checkpoint folder (truncated safetensors or torch.save
+    archive, bad JSON), with what to do; cheap (headers and archive directories only, no tensor is read). Called
+    before `load_checkpoint` so a damaged resume ends in one line instead of a stack trace on every rank."""
+    import zipfile
+
+    from ctld.export import read_json_file
+
+    path = Path(path)
+    match = _CHECKPOINT_RE.match(path.name)
+    step = int(match.group(1)) if match else None
+    older = [p for saved, p in list_checkpoints(path.parent.parent) if step is not None and saved < step]
+    hint = (f"delete {path} or pass --train.resume=<an older checkpoint>"
+            + (f" (e.g. {older[-1]})" if older else "") + "; it was damaged after it was written (disk, copy)")
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        if file.suffix == ".json":
+            try:
+                read_json_file(file, hint)
+            except ValueError as error:
+                raise ResumeError(str(error)) from error
+        elif file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(file), framework="pt") as handle:  # checks the header against the file size
+                    handle.keys()
+            except Exception as error:  # noqa: BLE001 - SafetensorError and OSError alike
+                raise ResumeError(f"{file} is damaged (truncated or not a safetensors file: {error}); "
+                                  f"{hint}") from error
+        elif file.suffix in (".bin", ".pt", ".pkl", ".pth"):
+            # torch.save writes a zip archive: a truncated one has no central directory.
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    archive.infolist()
+            except (zipfile.BadZipFile, OSError) as error:
+                raise ResumeError(f"{file} is damaged (not a complete torch.save archive: {error}); {hint}") from error
+
+
 def load_checkpoint(accelerator: Accelerator, path: str | Path, *, ema: EMAModel | None = None) -> dict:
     """Restore what `save_checkpoint` wrote (call on every rank, after `accelerator.prepare`).
 
@@ -159,7 +255,14 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, *, ema: EMAModel
         The trainer state dict saved with the checkpoint (holds "step").
     """
     path = Path(path)
-    accelerator.load_state(str(path))
+    check_checkpoint(path)
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, ValueError, KeyError) as error:  # e.g. tensors of another shape: another config's run
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ResumeError(f"{path} does not fit this run ({type(error).__name__}: {first}); resume a checkpoint "
+                          "written with the same model and optimizer settings, or start without "
+                          "train.resume") from error
     if ema is not None:
         _load_ema(ema, path)
     with open(path / TRAINER_STATE) as f:

@@ -163,6 +163,9 @@ class TrainConfig:
     image_every: int = 1000
     checkpoint_every: int = 1000
     checkpoints_total_limit: int = 3
+    # A checkpoint save not finished on a rank within this many seconds (a rank died inside a collective save, e.g.
+    # DeepSpeed's) ends that rank with CHECKPOINT_TIMEOUT_EXIT_CODE, so the launch ends; 0 = no limit.
+    checkpoint_timeout_s: float = 900.0
     resume: str = ""  # "" | "latest" | a checkpoint folder
     vae_export: str = ""  # diffusion stage: the VAE run's export/ folder
     ema_decay: float = 0.9999  # the EMA's final decay

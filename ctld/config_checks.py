@@ -20,6 +20,8 @@ def check(cfg: Config) -> None:
                  "gradient_accumulation_steps", "max_nonfinite_steps", "val_batches"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.checkpoint_timeout_s < 0:
+        raise ValueError(f"train.checkpoint_timeout_s must be >= 0 (0 = no limit), got {t.checkpoint_timeout_s}")
     if not 0.0 <= t.thick_fraction <= 1.0:
         raise ValueError(f"train.thick_fraction must be in [0, 1], got {t.thick_fraction}")
     d = cfg.diffusion

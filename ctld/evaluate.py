@@ -374,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.adapt_steps > 0 and (args.vae or args.method != "ctld"):
             raise ValueError("--adapt scores ctld adapted to each case: it needs --checkpoint and --method ctld")
         device = pick_device(args.device)
-        export = load_export(args.checkpoint or args.vae, device) if (args.checkpoint or args.vae) else None
+        export = (load_export(args.checkpoint or args.vae, device, need_unet=bool(args.checkpoint))
+                  if (args.checkpoint or args.vae) else None)
         defaults = DataConfig()
         meta = export.meta if export is not None else {
             "factor": defaults.factor, "depth_thick": defaults.depth_thick, "patch_size": defaults.patch_size,

@@ -86,14 +86,38 @@ def save_model(model: torch.nn.Module, directory: str | Path, name: str) -> None
     _write_json(directory / f"{name}.json", {"class": cls_name, "kwargs": kwargs, "format_version": FORMAT_VERSION})
 
 
+def read_json_file(path: str | Path, hint: str = REEXPORT_HINT) -> dict[str, Any]:
+    """A JSON object from `path`, or ValueError naming the file (damaged, truncated, not an object) and `hint`."""
+    try:
+        doc = json.loads(Path(path).read_bytes())
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path} is damaged: not valid JSON ({error}); {hint}") from error
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} is damaged: it holds a JSON {type(doc).__name__}, not an object; {hint}")
+    return doc
+
+
+def load_safetensors(path: str | Path, hint: str = REEXPORT_HINT) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file on the CPU, or ValueError naming the file when it is truncated or not
+    safetensors (safetensors' own error is a bare "invalid header length" with a stack trace)."""
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, ... all mean the same to the user
+        raise ValueError(f"{path} is damaged (truncated or not a safetensors file: {error}); {hint}") from error
+
+
+DAMAGED_HINT = "copy the export folder again, or " + REEXPORT_HINT
+
+
 def load_model(directory: str | Path, name: str, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild the model from `name.json` and load `name.safetensors` (strict); returned in eval mode."""
+    """Rebuild the model from `name.json` and load `name.safetensors` (strict); returned in eval mode. A damaged
+    or mismatched file is a ValueError naming it."""
     directory = Path(directory)
     spec_path, weights = directory / f"{name}.json", directory / f"{name}.safetensors"
     for path in (spec_path, weights):
         if not path.is_file():
             raise FileNotFoundError(f"model export {directory} is incomplete: {path.name} is missing")
-    spec = json.loads(spec_path.read_text())
+    spec = read_json_file(spec_path, DAMAGED_HINT)
     cls_name = spec.get("class")
     if cls_name not in MODEL_CLASSES:
         raise ValueError(f"{spec_path}: unknown model class {cls_name!r}; expected one of {sorted(MODEL_CLASSES)}")
@@ -103,16 +127,22 @@ def load_model(directory: str | Path, name: str, device: str | torch.device = "c
             f"{sorted(READABLE_VERSIONS[cls_name])}. A version-1 U-Net predates the residual model (conditioned on "
             "repeated thick latents): retrain the diffusion stage with this ctld on the same VAE export"
         )
-    kwargs = dict(spec["kwargs"])
-    if spec["format_version"] < 3:
-        kwargs.setdefault("norm_type", "group")
-    model = MODEL_CLASSES[cls_name](**kwargs)
+    try:
+        kwargs = dict(spec["kwargs"])
+        if spec["format_version"] < 3:
+            kwargs.setdefault("norm_type", "group")
+        model = MODEL_CLASSES[cls_name](**kwargs)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{spec_path}: the {cls_name} arguments are damaged ({type(error).__name__}: {error}); "
+                         f"{DAMAGED_HINT}") from error
     # Read on the CPU, then move: safetensors rejects device strings such as "cpu:0" that accelerate produces.
-    state = load_file(str(weights), device="cpu")
+    state = load_safetensors(weights, DAMAGED_HINT)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{weights} does not match the architecture in {spec_path.name}: {err}") from err
+        first = str(err).strip().splitlines()
+        raise ValueError(f"{weights} does not match the architecture in {spec_path.name} ({len(first)} problem(s), "
+                         f"first: {first[1].strip() if len(first) > 1 else first[0]}); {DAMAGED_HINT}") from err
     return model.to(device).eval()
 
 
@@ -189,12 +219,15 @@ def vae_hash(directory: str | Path) -> str:
 def _load_scheduler(directory: Path):
     import diffusers
 
-    config = json.loads((directory / "scheduler_config.json").read_text())
+    config = read_json_file(directory / "scheduler_config.json", DAMAGED_HINT)
     cls_name = config.get("_class_name")
     cls = getattr(diffusers, str(cls_name), None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
         raise ValueError(f"{directory / 'scheduler_config.json'}: {cls_name!r} is not a diffusers scheduler class")
-    return cls.from_config(config)
+    try:
+        return cls.from_config(config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{directory / 'scheduler_config.json'} is damaged ({error}); {DAMAGED_HINT}") from error
 
 
 def read_export_meta(directory: str | Path, *, min_version: int = EXPORT_VERSION) -> dict[str, Any]:
@@ -205,12 +238,7 @@ def read_export_meta(directory: str | Path, *, min_version: int = EXPORT_VERSION
         raise FileNotFoundError(f"export folder {directory} does not exist; pass runs/<name>/export")
     if not path.is_file():
         raise FileNotFoundError(f"export {directory} is incomplete: ctld.json is missing; pass runs/<name>/export")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); {REEXPORT_HINT}") from error
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} holds no JSON object; {REEXPORT_HINT}")
+    meta = read_json_file(path)
     version = meta.get("format_version")
     if not isinstance(version, int) or version < min_version:
         raise ValueError(
@@ -227,13 +255,17 @@ def read_export_meta(directory: str | Path, *, min_version: int = EXPORT_VERSION
 
 
 def load_export(directory: str | Path, device: str | torch.device = "cpu", *,
-                min_version: int = EXPORT_VERSION) -> Export:
+                min_version: int = EXPORT_VERSION, need_unet: bool = False) -> Export:
     """Load an export folder written by `save_export` (models in eval mode on `device`). Weights are safetensors
     and everything else JSON, so loading runs no pickled code. `min_version` < EXPORT_VERSION only for a VAE
-    export that a diffusion run starts from (its weights did not change)."""
+    export that a diffusion run starts from (its weights did not change); `need_unet` refuses a VAE-only export
+    (what `ctld-infer` and `ctld-eval --checkpoint` need is a diffusion run's)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"export folder {directory} does not exist; pass runs/<name>/export")
+    if need_unet and not any((directory / f).exists() for f in ("unet.json", "unet.safetensors")):
+        raise ValueError(f"{directory} is a VAE-only export (no unet.json, unet.safetensors); pass the export of a "
+                         "diffusion-stage run (`ctld-eval --vae` measures a VAE export)")
     for required in ("ctld.json", "vae.json", "vae.safetensors"):
         if not (directory / required).is_file():
             raise FileNotFoundError(f"export {directory} is incomplete: {required} is missing")

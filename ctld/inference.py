@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--save_adapted must not be the --checkpoint folder: the base export is never replaced")
         print(describe(cfg, sources), flush=True)
         device = pick_device(args.device)
-        export = load_export(args.checkpoint, device)
+        export = load_export(args.checkpoint, device, need_unet=True)
         meta = export.meta
         factor = int(meta["factor"])
         volume, reference, kind = read_input(args.input, series_id=args.series_id)

@@ -51,7 +51,9 @@ from ctld import faults
 from ctld.baselines import SlabFilter
 from ctld.calibration import estimate_residual_scale, fit_slab_filter_on_shards
 from ctld.checkpointing import (
+    ResumeError,
     StopRequest,
+    check_checkpoint,
     exit_preempted,
     list_checkpoints,
     load_checkpoint,
@@ -90,12 +92,24 @@ def main(argv: list[str] | None = None) -> None:
         check(cfg)
         if cfg.data.latent_shards_dir:
             check_latent_shards(cfg)  # refuse latent shards of another VAE or config before any process starts work
+        # Damaged inputs fail here in one line, not in a stack trace per rank: the VAE export is loaded once more
+        # (a few seconds; every file and shape checked), the checkpoint to resume has its files' headers read.
+        if cfg.train.stage == "diffusion":
+            load_frozen_vae(cfg.train.vae_export, cfg.data, "cpu")
+        resume_from = resolve_resume(Path(cfg.train.output_dir) / cfg.train.run_name, cfg.train.resume)
+        if resume_from is not None:
+            check_checkpoint(resume_from)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         # One line from the first rank, not a traceback from every rank; exit 2 on all of them.
         if os.environ.get("RANK", "0") == "0":
             print(f"ctld train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    train(cfg)
+    try:
+        train(cfg)
+    except ResumeError as error:  # found only once the models exist (e.g. another config's tensor shapes)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ctld train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def train(cfg: Config) -> None:
@@ -298,8 +312,8 @@ def train(cfg: Config) -> None:
             counters = {"step": step, "skipped_steps": skipped_steps}
             if spec is not None:
                 counters["residual_scale"] = spec.residual_scale
-            save_checkpoint(accelerator, run_dir, step, counters,
-                            ema=ema, keep_last=cfg.train.checkpoints_total_limit)
+            save_checkpoint(accelerator, run_dir, step, counters, ema=ema, keep_last=cfg.train.checkpoints_total_limit,
+                            timeout_s=cfg.train.checkpoint_timeout_s)
             if not stop_now:
                 train_stream.open(step)  # the data position policy (module docstring)
         if stop_now:

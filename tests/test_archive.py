@@ -57,3 +57,26 @@ def test_member_name_the_file_system_refuses_is_skipped(tmp_path):
     written = safe_extract_zip(source, tmp_path / "out", skipped=skipped)
     assert [p.name for p in written] == ["ok.dcm"]
     assert len(skipped) == 1 and "cannot be a file here" in skipped[0][1]
+
+
+def test_symlinks_are_followed_once_and_broken_or_looping_ones_named(tmp_path, caplog):
+    """Issue 24: a study folder linked into the input is read; a link back up (a loop), a dangling link and a cycle
+    of links are warned about by name and reason, and nothing is read twice or hangs."""
+    import logging
+
+    elsewhere = tmp_path / "elsewhere" / "study"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "a.dcm").write_bytes(b"x")
+    source = tmp_path / "input"
+    (source / "own").mkdir(parents=True)
+    (source / "own" / "b.dcm").write_bytes(b"y")
+    (source / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (source / "own" / "up").symlink_to("..", target_is_directory=True)
+    (source / "dangling.dcm").symlink_to(tmp_path / "missing.dcm")
+    (source / "c1.dcm").symlink_to(source / "c2.dcm")
+    (source / "c2.dcm").symlink_to(source / "c1.dcm")
+    with caplog.at_level(logging.WARNING), discover(source) as files:
+        assert sorted(rel for _, rel in files) == ["linked/a.dcm", "own/b.dcm"]
+    text = caplog.text
+    assert "own/up (symlink_loop)" in text and "dangling.dcm (broken_symlink)" in text
+    assert "c1.dcm (broken_symlink)" in text and "c2.dcm (broken_symlink)" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -12,7 +13,7 @@ import pydicom
 import pytest
 import torch
 
-from ctld.data import archive, dicom, dicom_pixels
+from ctld.data import archive, dicom, dicom_pixels, geometry, nifti
 from ctld.data.dicom import Policy, SeriesSkipped, plan_series, read_dicom_series, scan_file
 from ctld.data.dicom_pixels import read_slice_hu
 from ctld.data.dicom_write import write_dicom_series
@@ -463,3 +464,101 @@ def test_zip_with_corrupt_member_is_refused_not_fatal(tmp_path):
     good.write_bytes(bytes(data))
     with pytest.raises(archive.UnsafeArchiveError, match="cannot extract"):
         archive.safe_extract_zip(good, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------- geometry beyond an orthogonal grid
+# Issue 24: every grid that is not orthogonal, uniformly spaced and right-handed is handled (reordered) or skipped
+# with the same named reason in DICOM, NIfTI and cache volumes. Each case is one world geometry written in each
+# format; a sheared NIfTI used to become a training sample as if its slices were orthogonal.
+
+
+def _grid_case(case: str) -> tuple[np.ndarray, tuple, list[float] | None]:
+    """(direction (3, 3) with a unit slice axis, spacing (dz, dy, dx), per-slice steps along it or None)."""
+    direction = _rotation(10, 25)  # oblique but orthonormal: an ordinary grid
+    steps = None
+    if case == "shear":  # the slice axis leans 12 deg towards y: a tilted gantry once converted
+        axis = np.cos(np.radians(12)) * direction[:, 2] + np.sin(np.radians(12)) * direction[:, 1]
+        direction = np.stack([direction[:, 0], direction[:, 1], axis], axis=1)
+    elif case == "left_handed":  # slices stored against x cross y (a flipped axis)
+        direction = direction * np.array([1.0, 1.0, -1.0])
+    elif case == "nonuniform":
+        steps = [2.5] * 5 + [4.0] + [2.5] * 3
+    return direction, (2.5, 0.8, 0.6), steps
+
+
+def _write_grid_case(case: str, fmt: str, root: Path) -> tuple[Path, Volume]:
+    """Write the case as `fmt`; returns (path, the volume as written: voxel (k, j, i) at origin + direction @ ...)."""
+    direction, spacing, steps = _grid_case(case)
+    volume = _volume(direction=direction, spacing=spacing)
+    if fmt == "dicom":
+        folder = root / f"{case}_dicom"
+        paths = write_dicom_series(volume, folder, patient={"PatientID": "GRID"}, study={})
+        if steps is not None:
+            along = np.concatenate([[0.0], np.cumsum(steps)])
+            for k, path in enumerate(paths):
+                ds = pydicom.dcmread(path)
+                ds.ImagePositionPatient = [float(v) for v in np.asarray(volume.origin_mm) + along[k] * direction[:, 2]]
+                ds.save_as(path)
+        return folder, volume
+    if steps is not None:
+        pytest.skip("an affine cannot hold non-uniform slice steps")
+    if fmt == "nifti":
+        import nibabel as nib
+
+        affine = np.eye(4)
+        affine[:3, :4] = nifti.RAS_TO_LPS @ volume.affine_lps()[:3, :4]
+        path = root / f"{case}.nii.gz"
+        nib.save(nib.Nifti1Image(np.transpose(volume.hu, (2, 1, 0)), affine), str(path))
+        return path, volume
+    path = root / f"{case}.npy"
+    np.save(path, volume.hu)
+    path.with_suffix(".json").write_text(json.dumps({"spacing_mm": list(spacing), "origin_mm": list(volume.origin_mm),
+                                                     "direction": direction.tolist()}))
+    return path, volume
+
+
+def _read_grid_case(path: Path, fmt: str) -> Volume:
+    if fmt == "dicom":
+        return read_dicom_series(path, salt=SALT, strict=True, policy=dicom.Policy(min_slices=2))[0]
+    return (read_nifti if fmt == "nifti" else read_cached_volume)(path, SALT)
+
+
+GRID_REASONS = {"shear": "gantry_tilt", "nonuniform": "nonuniform_spacing"}
+
+
+@pytest.mark.parametrize("fmt", ["dicom", "nifti", "cache"])
+@pytest.mark.parametrize("case", ["oblique", "left_handed", "shear", "nonuniform"])
+def test_grids_beyond_orthogonal_are_handled_or_skipped_alike(case, fmt, tmp_path):
+    path, written = _write_grid_case(case, fmt, tmp_path)
+    if case in GRID_REASONS:
+        with pytest.raises((SeriesSkipped, ValueError), match=GRID_REASONS[case]):
+            _read_grid_case(path, fmt)
+        return
+    volume = _read_grid_case(path, fmt)
+    # Right-handed and sorted along the normal, and every voxel still where it was in the world.
+    assert np.linalg.det(volume.direction) > 0 and geometry.grid_problem(volume.direction, volume.spacing_mm) is None
+    world_read = volume.affine_lps()[:3, :3] @ np.array([0.0, 0.0, volume.shape[0] - 1]) + volume.origin_mm
+    if case == "left_handed":  # slice 0 as read is the last slice written
+        np.testing.assert_array_equal(volume.hu, written.hu[::-1])
+        np.testing.assert_allclose(world_read, written.origin_mm, atol=1e-3)
+    else:
+        np.testing.assert_array_equal(volume.hu, written.hu)
+        np.testing.assert_allclose(volume.affine_lps(), written.affine_lps(), atol=1e-3)
+
+
+def test_sheared_nifti_is_a_named_skip_in_the_build(tmp_path, caplog):
+    """The issue's case end to end: a sheared NIfTI beside a good one; only the good one reaches the shards."""
+    from ctld.data import build_shards
+
+    src = tmp_path / "src"
+    src.mkdir()
+    direction, _, _ = _grid_case("shear")
+    for name, matrix in (("good", np.eye(3)), ("sheared", direction)):
+        write_nifti(Volume(_volume(depth=20).hu, (1.0, 0.8, 0.8), (0, 0, 0), matrix), src / f"{name}.nii.gz")
+    with caplog.at_level(logging.WARNING):
+        code = build_shards.main(["build", str(src), "--out", str(tmp_path / "out"), f"--shards.salt={SALT}",
+                                  "--shards.num_workers=1", "--shards.max_skipped_fraction=0.6", "--log_level=ERROR"])
+    assert code == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["samples"] == 1 and manifest["skipped_counts"] == {"gantry_tilt": 1}, manifest
+    assert "sheared.nii.gz" in caplog.text

@@ -149,3 +149,84 @@ def test_the_same_weights_save_to_the_same_bytes(tmp_path):
     first = save_export(tmp_path / "a", vae=vae, meta=META)
     second = save_export(tmp_path / "b", vae=load_export(first).vae, meta=META)
     assert vae_hash(first) == vae_hash(second) == json.loads((second / "ctld.json").read_text())["vae_sha256"]
+
+
+# Issue 24: a damaged or partial export fails in one line naming the file, exit code 2, wherever it is loaded.
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _bad_json(path):
+    path.write_text(path.read_text()[:-7])
+
+
+def _other_shapes(path):
+    spec = json.loads(path.read_text())
+    spec["kwargs"]["channels"] = [c * 2 for c in spec["kwargs"]["channels"]]
+    path.write_text(json.dumps(spec))
+
+
+DAMAGES = {  # name: (file, damage, what the message says, loaders that read the file)
+    "unet_truncated": ("unet.safetensors", _truncate, "is damaged", ("infer", "eval")),
+    "unet_header_cut": ("unet.safetensors", lambda p: p.write_bytes(p.read_bytes()[:5]), "is damaged",
+                        ("infer", "eval")),
+    "vae_truncated": ("vae.safetensors", _truncate, "is damaged", ("infer", "eval", "encode", "train")),
+    "vae_missing": ("vae.safetensors", lambda p: p.unlink(), "vae.safetensors is missing",
+                    ("infer", "eval", "encode", "train")),
+    "vae_json_bad": ("vae.json", _bad_json, "not valid JSON", ("infer", "eval", "encode", "train")),
+    "ctld_json_bad": ("ctld.json", _bad_json, "not valid JSON", ("infer", "eval", "encode", "train")),
+    "unet_other_shapes": ("unet.json", _other_shapes, "does not match the architecture", ("infer", "eval")),
+    "scheduler_bad": ("scheduler_config.json", _bad_json, "not valid JSON", ("infer", "eval")),
+    "vae_export_as_diffusion": ("unet.json", lambda p: [p.unlink(), p.with_suffix(".safetensors").unlink()],
+                                "is a VAE-only export", ("infer", "eval")),
+}
+
+
+@pytest.fixture(scope="module")
+def thick_nifti(tmp_path_factory):
+    import numpy as np
+
+    from ctld.data.nifti import write_nifti
+    from ctld.data.volume import Volume
+
+    hu = np.random.default_rng(0).integers(-1000, 500, size=(6, 16, 16)).astype(np.int16)
+    return write_nifti(Volume(hu, (7.5, 1.5, 1.5), (0, 0, 0), np.eye(3)), tmp_path_factory.mktemp("thick") / "t.nii")
+
+
+def _load_with(loader: str, export, tmp_path, thick_nifti, built_shards, repo_root) -> int:
+    if loader == "infer":
+        from ctld.inference import main
+
+        return main([str(thick_nifti), "--checkpoint", str(export), "--out", str(tmp_path / "o.nii"), "--no_progress"])
+    if loader == "eval":
+        from ctld.evaluate import main
+
+        return main([str(built_shards), "--checkpoint", str(export), "--out", str(tmp_path / "report"),
+                     "--max_cases=1", "--modes=regression", "--no_progress"])
+    if loader == "encode":
+        from ctld.data.build_shards import main
+
+        return main(["encode", str(built_shards), "--vae", str(export), "--out", str(tmp_path / "latents"),
+                     "--config", str(repo_root / "configs/tiny.yaml"), "--log_level=ERROR"])
+    from ctld.train import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([str(repo_root / "configs/tiny.yaml"), "--train.stage=diffusion", f"--train.vae_export={export}",
+              f"--train.output_dir={tmp_path / 'runs'}", f"--data.shards_dir={built_shards}"])
+    return stopped.value.code
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_export_fails_in_one_line_naming_the_file_wherever_it_is_loaded(
+        damage, tmp_path, infer_tiny_export, thick_nifti, built_shards, repo_root, capsys):
+    import shutil
+
+    name, change, message, loaders = DAMAGES[damage]
+    export = shutil.copytree(infer_tiny_export, tmp_path / "export")
+    change(export / name)
+    for loader in loaders:
+        code = _load_with(loader, export, tmp_path, thick_nifti, built_shards, repo_root)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (loader, err)
+        assert "Traceback" not in err and len(err.splitlines()) == 1, (loader, err)
+        assert message in err and (str(export) in err), (loader, err)

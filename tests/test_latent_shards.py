@@ -298,3 +298,28 @@ def test_a_damaged_pixel_shard_keeps_its_complete_samples_and_the_encode_goes_on
     counts = {entry["name"]: entry["samples"] for entry in manifest["shards"]}
     assert counts["train-000000.tar"] == 1 and manifest["status"] == "complete"
     assert sum(counts.values()) == manifest["totals"]["samples"] == 4
+
+
+def test_a_small_volume_encode_names_the_setting_to_change_and_works_with_it(make_shards, vae_export, tmp_path,
+                                                                             capsys):
+    """Issue 24: configs/tiny.yaml's own shard size (4 thick slices) cannot fit the default 5-tap slab filter. The
+    encode says which setting fits (--diffusion.slab_taps=3), and takes it as a `--section.key=value` override."""
+    from ctld.data.nifti import write_nifti
+    from ctld.data.volume import Volume
+
+    source = tmp_path / "nifti"
+    source.mkdir()
+    for index in range(3):
+        write_nifti(Volume(synthetic_ct(20, 16, index), (1.0, 0.7, 0.7), (0.0, 0.0, 0.0), np.eye(3)),
+                    source / f"small{index}.nii.gz")
+    shards = make_shards("--shards.val_fraction=0", "--shards.test_fraction=0", sources=[source])
+    argv = ["encode", str(shards), "--vae", str(vae_export), "--config", TINY, "--log_level=ERROR",
+            "--patches_per_volume=1"]
+    assert build_shards.main([*argv, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "at most 4 thick slices" in err and "--diffusion.slab_taps=3" in err, err
+    assert build_shards.main([*argv, "--out", str(tmp_path / "b"), "--diffusion.slab_taps=3"]) == 0
+    assert read_latent_manifest(tmp_path / "b")["slab_filter"]["taps"] == 3
+    # An override the config does not have is one line and exit code 2, as in the trainer.
+    assert build_shards.main([*argv, "--out", str(tmp_path / "c"), "--diffusion.slab_tapz=3"]) == 2
+    assert "slab_tapz" in capsys.readouterr().err

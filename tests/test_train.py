@@ -35,6 +35,10 @@ from ctld.panels import LABEL_HEIGHT_PX, render_panel
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = str(REPO_ROOT / "configs" / "tiny.yaml")
 LAUNCH_TIMEOUT_S = 600
+# train.checkpoint_timeout_s of the save-fault test; the launch must end well within the bound below (a DeepSpeed
+# launch takes ~20 s, its first one also ~70 s to JIT-build the CPU comm op).
+SAVE_TIMEOUT_S = int(os.environ.get('CTLD_TEST_SAVE_TIMEOUT_S', '20'))
+SAVE_FAULT_BOUND_S = 180
 
 # What every TensorBoard log must hold (names documented in README / ctld/train.py).
 TRAIN_SCALARS = {"train/loss", "lr", "train/grad_norm", "train/samples_per_s", "train/data_wait_fraction"}
@@ -470,6 +474,67 @@ def test_a_full_disk_during_a_checkpoint_stops_every_rank_and_loses_nothing(tmp_
     finally:
         subprocess.run(["umount", str(disk)], check=False)
     _resume_matches(tmp_path, _fault_run(tmp_path, data_overrides, "run"), uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_rank_lost_inside_deepspeeds_save_ends_the_launch_in_bounded_time(tmp_path, data_overrides):
+    """Issue 24: rank 1 is lost inside DeepSpeed's collective save_state of checkpoint-2 (ZeRO-2, 2 processes). It is
+    frozen (SIGSTOP), as a rank on a node that dropped off the network looks to the others: its sockets stay open, so
+    gloo waits its 30-minute timeout and the launcher sees nothing die. (A SIGKILLed rank resets its sockets and the
+    survivor fails at once.) The save watchdog (train.checkpoint_timeout_s) ends rank 0, the launcher ends the rest;
+    checkpoint-1 is the last complete checkpoint and the run resumes from it."""
+    overrides = _fault_run(tmp_path, data_overrides, "run", f"--train.checkpoint_timeout_s={SAVE_TIMEOUT_S}")
+    cmd, env = _zero2_command(overrides)
+    env.update(CTLD_FAULT_KILL="save_state:2:1", CTLD_FAULT_SIGNAL="SIGSTOP", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
+    log = open(tmp_path / "fault.txt", "w")  # noqa: SIM115 - closed below
+    start = time.monotonic()
+    launcher = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        returncode = launcher.wait(timeout=SAVE_FAULT_BOUND_S)
+    except subprocess.TimeoutExpired:
+        returncode = None
+    finally:
+        if launcher.poll() is None:  # hung: end it and its workers, so the test fails instead of hanging
+            for child in psutil.Process(launcher.pid).children(recursive=True):
+                child.kill()
+            launcher.kill()
+            launcher.wait()
+        log.close()
+    text = (tmp_path / "fault.txt").read_text()
+    assert returncode is not None, f"the launch hung for {SAVE_FAULT_BOUND_S} s: {text[-3000:]}"
+    assert returncode != 0 and time.monotonic() - start < SAVE_FAULT_BOUND_S
+    assert "did not finish within" in text and "checkpoint-1 is the last complete one" in text, text[-3000:]
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [1]
+    cmd, env = _zero2_command([*overrides, "--train.resume=latest"])
+    _run(cmd, env, tmp_path / "resume.txt")
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")][-1] == 4
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_before_any_rank_loads_it(tmp_path, data_overrides, capsys):
+    """Issue 24: --train.resume on a checkpoint with a truncated model.safetensors, optimizer.bin or trainer state:
+    exit 2 and one line naming the file (checked in main, before the process group and the models exist)."""
+    from ctld.train import main
+
+    overrides = _fault_run(tmp_path, data_overrides, "run")
+    overrides = [o.replace("--train.max_steps=4", "--train.max_steps=1") for o in overrides]
+    _train_single(overrides, tmp_path / "log.txt")
+    good = tmp_path / "run" / "checkpoints" / f"{CHECKPOINT_PREFIX}1"
+    names = sorted(p.name for p in good.iterdir())
+    assert {"model.safetensors", "optimizer.bin", TRAINER_STATE} <= set(names), names
+    for name in ("model.safetensors", "optimizer.bin", TRAINER_STATE):
+        damaged = tmp_path / "damaged" / name / f"{CHECKPOINT_PREFIX}1"
+        shutil.copytree(good, damaged)
+        (damaged / name).write_bytes((damaged / name).read_bytes()[: (damaged / name).stat().st_size // 2])
+        with pytest.raises(SystemExit) as stopped:
+            main([TINY, *overrides, f"--train.resume={damaged}"])
+        err = capsys.readouterr().err.strip()
+        assert stopped.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert f"{damaged / name} is damaged" in err, err
+    # Intact files of another model (other VAE channels): found when the state is loaded, the same one line.
+    with pytest.raises(SystemExit) as stopped:
+        main([TINY, *overrides, "--vae.channels=[8,8]", f"--train.resume={good}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and err[-1].startswith("ctld train: error:") and "does not fit this run" in err[-1]
 
 
 def _training_processes(launcher_pid: int) -> list[psutil.Process]:

@@ -145,19 +145,39 @@ def safe_extract_zip(
 
 
 def walk_files(source: str | os.PathLike) -> list[tuple[Path, str]]:
-    """Regular files under a folder (recursively, sorted) or the file itself, with paths relative to `source`."""
+    """Regular files under a folder (recursively, sorted) or the file itself, with paths relative to `source`.
+
+    Symbolic links are followed (a study folder linked into a data folder is read), each real folder once: a link
+    to a folder read already or to one above it is logged as `symlink_loop` and not entered, a link that leads
+    nowhere (dangling, or a cycle of links) as `broken_symlink`."""
     source = Path(source)
     if source.is_file():
         return [(source.resolve(), source.name)]
     if not source.is_dir():
         raise FileNotFoundError(f"input {source} does not exist; pass DICOM folders, ZIP files or NIfTI files")
     found = []
-    for root, dirs, names in os.walk(source):
-        dirs.sort()
+    visited = {os.path.realpath(source)}
+    for root, dirs, names in os.walk(source, followlinks=True):
+        kept = []
+        real_root = Path(os.path.realpath(root))
+        for dir_name in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, dir_name))
+            if real in visited or Path(real) in real_root.parents:  # read already, or a link up: a loop
+                rel = (Path(root) / dir_name).relative_to(source).as_posix()
+                logger.warning("skipped %s (symlink_loop): a link to a folder read already or above it (%s)", rel, real)
+                continue
+            visited.add(real)
+            kept.append(dir_name)
+        dirs[:] = kept
         for file_name in sorted(names):
             path = Path(root) / file_name
-            if path.is_file() and not file_name.startswith("."):
+            if file_name.startswith("."):
+                continue
+            if path.is_file():
                 found.append((path.resolve(), path.relative_to(source).as_posix()))
+            elif path.is_symlink():
+                logger.warning("skipped %s (broken_symlink): the link leads to no file (dangling or a cycle of links)",
+                               path.relative_to(source).as_posix())
     return found
 
 

@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # only for annotations: ctld.data.dicom imports this module
 
 def _to_hu(stored: np.ndarray, slope: float, intercept: float, where: str) -> np.ndarray:
     """HU = stored * slope + intercept, as int16; refuses values that do not fit rather than wrapping."""
-    if slope == 1.0 and float(intercept).is_integer():
-        hu = stored.astype(np.int32) + int(intercept)
+    if slope == 1.0 and float(intercept).is_integer() and abs(intercept) < 2**31:  # exact integer path
+        hu = stored.astype(np.int64) + int(intercept)
     else:
         hu = np.rint(stored.astype(np.float64) * slope + intercept)
     low, high = hu.min(initial=0), hu.max(initial=0)

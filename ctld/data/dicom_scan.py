@@ -37,6 +37,7 @@ class SeriesSkipped(Exception):
     """A file or series that cannot become a Volume; `reason` is a short stable name, `detail` says why."""
 
     def __init__(self, reason: str, detail: str):
+        detail = " ".join(detail.split())  # one line: a decoder's message (nibabel's, pydicom's) may hold newlines
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -140,6 +141,7 @@ def read_header(path: str | os.PathLike) -> tuple[pydicom.Dataset, int]:
 
 
 NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # syntax -> explicit VR
+NATIVE_SYNTAXES = {*NATIVE_LITTLE_ENDIAN, "1.2.840.10008.1.2.2"}  # uncompressed pixel data
 
 
 def _native_pixel_offset(path, ds, transfer_syntax: str, offset: int) -> int:
@@ -245,6 +247,15 @@ def scan_file(path: str | os.PathLike, rel_path: str) -> list[SliceHeader]:
     )
 
     number_of_frames = int(_float_or(header.get("NumberOfFrames", 1), 1) or 1)
+    # A damaged NumberOfFrames would plan a million planes from one file: every frame needs its pixels in the file
+    # (all of them uncompressed; at least a byte compressed).
+    native = transfer_syntax in NATIVE_SYNTAXES
+    bits = int(_float_or(header.get("BitsAllocated"), 16) or 16) if native else 8
+    frame_bytes = max(1, common["rows"] * common["columns"] * max(bits, 8) // 8) if native else 1
+    file_bytes = os.path.getsize(path)
+    if number_of_frames > 1 and number_of_frames * frame_bytes > file_bytes:
+        raise SeriesSkipped("bad_frame_count", f"NumberOfFrames {number_of_frames} of {common['rows']}x"
+                            f"{common['columns']} pixels cannot fit in the file's {file_bytes} bytes")
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = header.get("PerFrameFunctionalGroupsSequence")
     headers = []

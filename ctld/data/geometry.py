@@ -122,20 +122,55 @@ def covered_pair(thick: np.ndarray, thin: np.ndarray, *, factor: int, offset: in
     return thick[k_lo:k_hi], thin[offset + k_lo * factor : offset + k_hi * factor]
 
 
+def grid_problem(direction, spacing_mm) -> tuple[str, str] | None:
+    """Why a grid is not the orthogonal, uniformly spaced, right-handed grid ctld works on, as `(reason,
+    detail)` with the DICOM planner's reason names, or None when it is. The one rule for DICOM, NIfTI and cache
+    volumes (a DICOM plan is built orthonormal and right-handed from its headers, so only its positions can fail:
+    `dicom.plan_series` finds tilt and non-uniform steps there).
+
+    Args:
+        direction: (3, 3) columns x (W), y (H), z (D, the slice axis), unit length.
+        spacing_mm: (dz, dy, dx).
+
+    Reasons: `missing_geometry` (spacing or direction not finite, spacing <= 0), `invalid_orientation` (the
+    in-plane axes are not orthonormal), `gantry_tilt` (the slice axis is off the image plane's normal: a tilted
+    gantry or a sheared affine), `left_handed` (slices run against the normal x cross y; a reader flips them, see
+    `nifti.read_nifti`, so a Volume never holds one).
+    """
+    spacing = np.asarray(spacing_mm, dtype=np.float64).reshape(-1)
+    direction = np.asarray(direction, dtype=np.float64)
+    if spacing.shape != (3,) or direction.shape != (3, 3) or not (np.isfinite(spacing).all()
+                                                                  and np.isfinite(direction).all()):
+        return "missing_geometry", f"spacing {spacing.tolist()} mm or direction {direction.tolist()} is not usable"
+    if (spacing <= 0).any():
+        return "missing_geometry", f"spacing {tuple(round(float(v), 4) for v in spacing)} mm is not positive"
+    x_axis, y_axis, z_axis = direction[:, 0], direction[:, 1], direction[:, 2]
+    inplane = np.stack([x_axis, y_axis], axis=1)
+    if abs(float(np.linalg.norm(z_axis)) - 1.0) > ORTHOGONAL_ATOL:
+        return "invalid_orientation", f"the slice axis {z_axis.round(4).tolist()} is not a unit vector"
+    if np.abs(inplane.T @ inplane - np.eye(2)).max() > ORTHOGONAL_ATOL:
+        angle = math.degrees(math.acos(float(np.clip(x_axis @ y_axis, -1.0, 1.0))))
+        return "invalid_orientation", f"the in-plane axes are {angle:.1f} deg apart, not an orthonormal image plane"
+    plane_normal = np.cross(x_axis, y_axis)
+    cosine = float(plane_normal @ z_axis)
+    if abs(abs(cosine) - 1.0) > ORTHOGONAL_ATOL:
+        angle = math.degrees(math.acos(min(1.0, abs(cosine))))
+        return "gantry_tilt", (f"the slice axis is {angle:.1f} deg off the image plane's normal (gantry tilt or a "
+                               "sheared affine); ctld needs an orthogonal grid. Resample the series without tilt first")
+    if cosine < 0:
+        return "left_handed", "slices run against the image plane's normal (x cross y); flip the slice order"
+    return None
+
+
 def check_thick_input(grid: Grid, *, factor: int, thin_spacing_mm: float, spacing_tolerance: float, name: str,
                       slice_thickness_mm: float | None = None) -> None:
-    """Refuse a thick input the model cannot handle, naming the series: a sheared grid (gantry tilt) and a slice
-    spacing that is not about `factor` x the thin spacing the model was trained for (e.g. an already thin series;
-    `spacing_tolerance` < 0 never refuses). Warns when the slice thickness differs from the spacing."""
-    direction = np.asarray(grid.direction, dtype=np.float64).reshape(3, 3)
-    if np.abs(direction.T @ direction - np.eye(3)).max() > ORTHOGONAL_ATOL:
-        plane_normal = np.cross(direction[:, 0], direction[:, 1])
-        cosine = abs(float(plane_normal @ direction[:, 2])) / max(float(np.linalg.norm(plane_normal)), 1e-12)
-        angle = math.degrees(math.acos(min(1.0, cosine)))
-        raise ValueError(
-            f"{name}: the slice axis is {angle:.1f} deg off the image plane's normal (gantry tilt or a sheared "
-            f"affine); ctld needs an orthogonal grid. Resample the series without tilt first."
-        )
+    """Refuse a thick input the model cannot handle, naming the series: a grid that is not orthogonal and
+    right-handed (`grid_problem`: gantry tilt, shear) and a slice spacing that is not about `factor` x the thin
+    spacing the model was trained for (e.g. an already thin series; `spacing_tolerance` < 0 never refuses). Warns
+    when the slice thickness differs from the spacing."""
+    problem = grid_problem(grid.direction, grid.spacing_mm)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem[1]}.")
     dz = float(grid.spacing_mm[0])
     expected = factor * thin_spacing_mm
     if spacing_tolerance >= 0 and abs(dz / expected - 1.0) > spacing_tolerance:

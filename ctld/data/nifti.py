@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ctld.data.dicom import SeriesSkipped, anon_id
+from ctld.data.geometry import grid_problem
 from ctld.data.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -79,6 +80,24 @@ def _to_int16_hu(values: np.ndarray, where: str) -> np.ndarray:
     return values.astype(np.int16)
 
 
+def _on_orthogonal_grid(hu: np.ndarray, spacing_mm, origin_mm, direction, where: str):
+    """(hu, spacing_mm, origin_mm, direction) of a volume read from an affine or a sidecar, on the grid a Volume
+    holds: orthogonal and right-handed. A left-handed grid (slices running against x cross y, as a NIfTI with a
+    flipped axis has) is reordered, as DICOM slices are sorted along the normal; anything else that is not an
+    orthogonal grid (shear from a tilted gantry, non-orthonormal in-plane axes, spacing <= 0) is skipped with the
+    reason DICOM gets for it (`geometry.grid_problem`), never read as if it were orthogonal."""
+    problem = grid_problem(direction, spacing_mm)
+    if problem is not None and problem[0] == "left_handed":
+        direction = np.array(direction, dtype=np.float64)
+        origin_mm = np.asarray(origin_mm, dtype=np.float64) + (hu.shape[0] - 1) * float(spacing_mm[0]) * direction[:, 2]
+        direction[:, 2] *= -1
+        hu = np.ascontiguousarray(hu[::-1])
+        problem = grid_problem(direction, spacing_mm)
+    if problem is not None:
+        raise SeriesSkipped(problem[0], f"{where}: {problem[1]}")
+    return hu, tuple(float(v) for v in spacing_mm), tuple(float(v) for v in origin_mm), np.asarray(direction)
+
+
 def read_nifti(path: str | os.PathLike, salt: str = "", *, rel_path: str | None = None) -> Volume:
     """A NIfTI CT volume (HU after scl_slope/scl_inter) as a Volume; ids are salted hashes of `rel_path`
     (default: the file name), since NIfTI has no patient attributes."""
@@ -92,20 +111,24 @@ def read_nifti(path: str | os.PathLike, salt: str = "", *, rel_path: str | None 
     except Exception as error:
         raise SeriesSkipped("unreadable_nifti", f"{rel_path}: {type(error).__name__}: {error}") from error
     data = np.squeeze(data)
-    if data.ndim != 3:
-        raise SeriesSkipped("not_3d", f"{rel_path}: NIfTI data of shape {data.shape}, expected 3D")
-    affine_lps = RAS_TO_LPS @ image.affine[:3, :4]
+    if data.ndim != 3 or data.size == 0:
+        raise SeriesSkipped("not_3d", f"{rel_path}: NIfTI data of shape {data.shape}, expected 3D with voxels")
+    affine_lps = RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)[:3, :4]
     columns = affine_lps[:, :3]
     spacing_xyz = np.linalg.norm(columns, axis=0)
-    if np.any(spacing_xyz <= 0):
-        raise SeriesSkipped("missing_geometry", f"{rel_path}: singular affine")
+    if not np.isfinite(affine_lps).all() or np.any(spacing_xyz <= 0):
+        raise SeriesSkipped("missing_geometry", f"{rel_path}: singular or non-finite affine")
     direction = columns / spacing_xyz
     hu = np.ascontiguousarray(np.transpose(_to_int16_hu(data, rel_path), (2, 1, 0)))  # (x, y, z) -> (D, H, W)
+    # A column's norm is the spacing along that axis: with a shear it is not the distance between slices, which
+    # is why a sheared affine is refused here rather than read with that spacing.
+    hu, spacing_mm, origin_mm, direction = _on_orthogonal_grid(
+        hu, spacing_xyz[::-1], affine_lps[:, 3], direction, rel_path)
     case_id, series_id, study_id = volume_ids(path, rel_path, salt)
     return Volume(
         hu=hu,
-        spacing_mm=(float(spacing_xyz[2]), float(spacing_xyz[1]), float(spacing_xyz[0])),
-        origin_mm=tuple(float(v) for v in affine_lps[:, 3]),
+        spacing_mm=spacing_mm,
+        origin_mm=origin_mm,
         direction=direction,
         case_id=case_id,
         series_id=series_id,
@@ -160,7 +183,7 @@ def read_cached_volume(path: str | os.PathLike, salt: str = "", *, rel_path: str
         info = json.loads(sidecar.read_text())
     except (OSError, ValueError) as error:
         raise SeriesSkipped("bad_sidecar", f"{rel_path}: cannot read {sidecar.name}: {error}") from error
-    if "spacing_mm" not in info or len(info["spacing_mm"]) != 3:
+    if not isinstance(info, dict) or not isinstance(info.get("spacing_mm"), list) or len(info["spacing_mm"]) != 3:
         raise SeriesSkipped("bad_sidecar", f'{rel_path}: {sidecar.name} needs "spacing_mm": [dz, dy, dx]')
     try:
         if path.suffix.lower() == ".pt":
@@ -176,21 +199,32 @@ def read_cached_volume(path: str | os.PathLike, salt: str = "", *, rel_path: str
         raise SeriesSkipped("unreadable_cache", f"{rel_path}: {type(error).__name__}: {error}") from error
     while array.ndim > 3 and array.shape[0] == 1:
         array = array[0]
-    if array.ndim != 3:
-        raise SeriesSkipped("not_3d", f"{rel_path}: array of shape {array.shape}, expected (D, H, W)")
-    slope = float(info.get("rescale_slope", 1.0))
-    intercept = float(info.get("rescale_intercept", 0.0))
+    if array.ndim != 3 or array.size == 0:
+        raise SeriesSkipped("not_3d", f"{rel_path}: array of shape {array.shape}, expected (D, H, W) with voxels")
+    try:
+        slope = float(info.get("rescale_slope", 1.0))
+        intercept = float(info.get("rescale_intercept", 0.0))
+    except (TypeError, ValueError) as error:
+        raise SeriesSkipped("bad_rescale", f"{rel_path}: {sidecar.name} rescale is not a number: {error}") from error
     if slope != 1.0 or intercept != 0.0:
         array = array.astype(np.float64) * slope + intercept
+    try:
+        spacing_mm = np.asarray(info["spacing_mm"], dtype=np.float64).reshape(3)
+        origin_mm = np.asarray(info.get("origin_mm", (0.0, 0.0, 0.0)), dtype=np.float64).reshape(3)
+        direction = np.asarray(info.get("direction", np.eye(3)), dtype=np.float64).reshape(3, 3)
+    except (TypeError, ValueError) as error:
+        raise SeriesSkipped("bad_sidecar", f"{rel_path}: {sidecar.name} geometry is not numeric: {error}") from error
+    hu, spacing_mm, origin_mm, direction = _on_orthogonal_grid(
+        np.ascontiguousarray(_to_int16_hu(array, rel_path)), spacing_mm, origin_mm, direction, rel_path)
     case_id, series_id, study_id = volume_ids(path, rel_path, salt)
     return Volume(
-        hu=np.ascontiguousarray(_to_int16_hu(array, rel_path)),
-        spacing_mm=tuple(float(v) for v in info["spacing_mm"]),
-        origin_mm=tuple(float(v) for v in info.get("origin_mm", (0.0, 0.0, 0.0))),
-        direction=np.asarray(info.get("direction", np.eye(3)), dtype=np.float64),
+        hu=hu,
+        spacing_mm=spacing_mm,
+        origin_mm=origin_mm,
+        direction=direction,
         case_id=case_id,
         series_id=series_id,
         study_id=study_id,
         frame_of_reference_id="",
-        meta={"source": "cache", "slice_thickness_mm": float(info["spacing_mm"][0])},
+        meta={"source": "cache", "slice_thickness_mm": spacing_mm[0]},
     )

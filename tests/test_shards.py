@@ -300,3 +300,158 @@ def test_inplane_resampling_keeps_thick_and_thin_on_one_grid(make_shards, synthe
     # Resampling commutes with slab averaging up to rounding: the pair stays aligned.
     expected = simulate_thick(pair["thin.npy"][info["offset"] :].astype(np.float64), FACTOR)[:9]
     assert np.abs(pair["thick.npy"] - expected).max() <= 1.0
+
+
+# ------------------------------------------------------------------------------------ partitions and merge (issue 25)
+
+PARTITION_SETTINGS = ["--shards.val_fraction=0.3", "--shards.test_fraction=0.0", "--shards.shard_max_samples=2"]
+
+
+def _build_partitions(source: Path, out: Path, count: int, *extra: str, indexes=None) -> None:
+    for index in range(count) if indexes is None else indexes:
+        argv = ["build", str(source), "--out", str(out), f"--shards.salt={SHARDS_SALT}", "--shards.num_workers=1",
+                "--log_level=ERROR", *PARTITION_SETTINGS, "--partition", f"{index}/{count}", *extra]
+        assert build_shards.main(argv) == 0
+
+
+def _payloads(out: Path) -> dict[str, tuple[str, dict]]:
+    """key -> (split, {member: bytes}) of every sample the manifest lists, read as the loader finds them."""
+    from ctld.data.shards import manifest_shards
+    from ctld.data.tar_reader import iter_raw_samples
+
+    found = {}
+    for split in ("train", "val", "test"):
+        for url in manifest_shards(out, split):
+            for raw in iter_raw_samples(url):
+                assert raw["__key__"] not in found, f"{raw['__key__']} twice"
+                found[raw["__key__"]] = (split, {k: v for k, v in raw.items() if not k.startswith("__")})
+    return found
+
+
+@pytest.fixture(scope="module")
+def merged_shards(synthetic_dicom, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("partitioned") / "shards"
+    _build_partitions(synthetic_dicom["root"], out, 3)
+    assert build_shards.main(["merge", str(out)]) == 0
+    return out
+
+
+def test_three_partitions_and_merge_equal_one_build(merged_shards, built_shards, capsys):
+    from ctld.data.shard_plan import partition_of
+
+    whole, merged = _payloads(built_shards), _payloads(merged_shards)
+    assert len(whole) == 4 and sorted(merged) == sorted(whole)
+    for key, (split, members) in whole.items():
+        assert merged[key][0] == split and merged[key][1] == members, key  # byte-identical sample payloads
+    # Each partition holds exactly the patients its salted hash names; here more than one partition has samples.
+    holders = set()
+    for folder in merged_shards.glob("part-*-of-0003"):
+        index = int(folder.name[5:9])
+        for shard in folder.glob("*.tar"):
+            for key in _samples_keys(shard):
+                assert partition_of(key.split("_")[0], 3) == index
+                holders.add(index)
+    assert len(holders) >= 2
+    one, three = (json.loads((d / "manifest.json").read_text()) for d in (built_shards, merged_shards))
+    assert all(entry["name"].startswith("part-") for entry in three["shards"])
+    assert three["partitions"]["count"] == 3
+    for field in ("samples", "thick_source", "geometry", "hu", "series_total", "skipped", "skipped_counts", "unused",
+                  "files_skipped", "settings", "factor"):
+        assert three[field] == one[field], field
+    assert {s: {k: v for k, v in i.items() if k != "shards"} for s, i in three["splits"].items()} == {
+        s: {k: v for k, v in i.items() if k != "shards"} for s, i in one["splits"].items()}
+    capsys.readouterr()
+    assert build_shards.main(["verify", str(merged_shards)]) == 0
+    assert "3 of 3 shards ok" in capsys.readouterr().out
+
+
+def _samples_keys(shard: Path) -> list[str]:
+    from ctld.data.tar_reader import iter_raw_samples
+
+    return [raw["__key__"] for raw in iter_raw_samples(str(shard))]
+
+
+def test_partition_from_the_indexed_job_environment(monkeypatch, capsys):
+    from ctld.data.shard_plan import parse_partition
+
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    assert parse_partition("4") == (2, 4) and parse_partition("1/3") == (1, 3)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX")
+    assert build_shards.main(["build", "/nonexistent-but-unused", "--partition", "4"]) == 2
+    assert "$JOB_COMPLETION_INDEX, which is not set" in capsys.readouterr().err
+    assert build_shards.main(["build", ".", "--partition", "3/3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "index must be in 0..2" in err
+
+
+def test_killed_partition_resumes_with_nothing_lost(merged_shards, synthetic_dicom, tmp_path):
+    """Partition 2/3 holds two samples ("pair", "zipped"); killed after its first shard, a rerun finishes it and the
+    merged set equals the uninterrupted one."""
+    out = tmp_path / "shards"
+    _build_partitions(synthetic_dicom["root"], out, 3, "--shards.shard_max_samples=1", indexes=[0, 1])
+    part = out / "part-0002-of-0003"
+    argv = [sys.executable, "-m", "ctld.data.build_shards", "build", str(synthetic_dicom["root"]), "--out", str(out),
+            f"--shards.salt={SHARDS_SALT}", "--shards.num_workers=1", "--log_level=ERROR", *PARTITION_SETTINGS,
+            "--shards.shard_max_samples=1", "--partition", "2/3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(argv, env=env, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 120
+    while not list(part.glob("*.tar")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(list(part.glob("*.tar"))) == 1 and not (part / "partition.json").exists(), "not killed mid-build"
+    assert build_shards.main(["merge", str(out)]) == 2  # incomplete: refused
+    assert subprocess.run(argv, env=env, cwd=Path(__file__).resolve().parents[1]).returncode == 0
+    assert len(list(part.glob("*.tar"))) == 2 and not list(part.glob(".tmp-*"))
+    assert build_shards.main(["merge", str(out)]) == 0
+    resumed, reference = _payloads(out), _payloads(merged_shards)
+    assert resumed == reference
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_merge_refuses_incomplete_damaged_or_mismatched_partitions(merged_shards, synthetic_dicom, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "shards"
+    shutil.copytree(merged_shards, out)
+    manifest = (out / "manifest.json").read_bytes()
+
+    def refused(*expected: str) -> None:
+        capsys.readouterr()
+        assert build_shards.main(["merge", str(out)]) == 2
+        err = _one_line_error(capsys)
+        for text in expected:
+            assert text in err, err
+        assert (out / "manifest.json").read_bytes() == manifest, "a refused merge wrote the manifest"
+
+    shutil.move(out / "part-0001-of-0003", tmp_path / "aside")
+    refused("partition 1/3 is missing", "--partition 1/3")
+    shutil.move(tmp_path / "aside", out / "part-0001-of-0003")
+    (out / "part-0002-of-0003" / "partition.json").rename(tmp_path / "record.json")
+    (out / "part-0000-of-0003" / "partition.json").write_text("{not json")
+    refused("partition 0/3 is damaged", "partition 2/3 is incomplete")  # every problem, in one line
+    (tmp_path / "record.json").rename(out / "part-0002-of-0003" / "partition.json")
+    shutil.copy(merged_shards / "part-0000-of-0003" / "partition.json", out / "part-0000-of-0003")
+    shard = out / "part-0002-of-0003" / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    refused("partition 2/3 is damaged", "train-000000.tar 1000 bytes")
+    shutil.copy(merged_shards / "part-0002-of-0003" / "train-000000.tar", shard)
+    assert build_shards.main(["merge", str(out)]) == 0 and (out / "manifest.json").read_bytes() == manifest
+
+    # Partition 1 rebuilt with another salt, then with another setting: refused by hash, the salt never shown.
+    other = ["build", str(synthetic_dicom["root"]), "--out", str(out), "--shards.num_workers=1", "--log_level=ERROR",
+             *PARTITION_SETTINGS, "--partition", "1/3", "--overwrite"]
+    assert build_shards.main([*other, "--shards.salt=another-salt-77"]) == 0
+    refused("partition 1/3 was built with another salt")
+    record = (out / "part-0001-of-0003" / "partition.json").read_text()
+    assert "another-salt-77" not in record and SHARDS_SALT not in record
+    assert build_shards.main([*other, f"--shards.salt={SHARDS_SALT}", "--shards.min_slices=4"]) == 0
+    refused("partition 1/3 was built with other settings", "min_slices")
+    # A partition count that does not match the others.
+    _build_partitions(synthetic_dicom["root"], out, 2, indexes=[0])
+    refused("partitions of 2 and 3-way builds")

@@ -1,5 +1,6 @@
 """Writing planned shards (worker processes): decode each job into a sample, write the shard under a temporary
-name, record it in `<out>/.done/<shard>.json`, then rename it; a shard counts as done only when both exist.
+name, record it in `<out>/.done/<shard>.json`, then rename it; a shard counts as done only when both exist. The
+manifest is summarised from those records (`manifest_doc`), by a whole build and by `ctld-shards merge` alike.
 """
 
 from __future__ import annotations
@@ -8,14 +9,18 @@ import hashlib
 import json
 import logging
 import os
+import sys
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from ctld.data import dicom
 from ctld.data.domain import hu_percentiles
 from ctld.data.nifti import read_cached_volume, read_nifti
 from ctld.data.pairing import make_inplane_sample, make_sample, spacing_class
-from ctld.data.shard_plan import DONE_DIR, TMP_PREFIX, Job, ShardPlan
-from ctld.data.shards import decode_sample
+from ctld.data.shard_plan import DONE_DIR, SPLITS, TMP_PREFIX, Job, ShardPlan
+from ctld.data.shards import FORMAT_VERSION, MANIFEST, decode_sample
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +97,8 @@ def sha256_of(path: Path) -> str:
 
 
 def atomic_json(path: Path, doc) -> None:
-    tmp = path.with_name(TMP_PREFIX + path.name)
+    # The process id keeps writers of one file apart (encode processes finishing together write one manifest).
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
         f.flush()
@@ -205,3 +211,80 @@ def load_done(out_dir: Path, name: str) -> dict | None:
     except ValueError:
         return None
     return record if record.get("bytes") == (out_dir / name).stat().st_size else None
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {}
+    array = np.asarray(values, dtype=np.float64)
+    return {"min": float(array.min()), "median": float(np.median(array)), "max": float(array.max())}
+
+
+def manifest_doc(settings: dict, records: list[dict], plan_info: dict) -> dict:
+    """manifest.json (shards/README.md) from the build's settings (`Builder.settings()`), the shard records in
+    manifest order (`name` as the manifest lists it) and the plan's counts: {"skipped", "unused", "files_skipped",
+    "series_total", "archives_skipped"}."""
+    skipped = list(plan_info["skipped"])
+    for record in records:  # series that failed while their shard was built (this run or an earlier one)
+        skipped.extend(record["skipped"])
+    skipped.sort(key=lambda s: (s["reason"], s["series_id"]))
+    samples = [info for record in records for info in record["sample_info"]]
+
+    def split_summary(split: str) -> dict:
+        mine = [record for record in records if record["split"] == split]
+        infos = [info for record in mine for info in record["sample_info"]]
+        return {
+            "shards": len(mine),
+            "samples": sum(record["samples"] for record in mine),
+            "bytes": sum(record["bytes"] for record in mine),
+            # Counts only (the model card's training data): keys are "<case_id>_<series_id>".
+            "patients": len({info["key"].split("_")[0] for info in infos}),
+            "thick_source": dict(Counter(info["thick_source"] for info in infos)),
+        }
+
+    total = plan_info["series_total"]
+    return {
+        "format_version": FORMAT_VERSION,
+        "factor": settings["factor"],
+        "thick_profile": settings["thick_profile"],  # of the simulated thick series
+        "shards": [{k: record[k] for k in ("name", "split", "samples", "bytes", "sha256")} for record in records],
+        "splits": {split: split_summary(split) for split in SPLITS},
+        "samples": len(samples),
+        "thick_source": dict(Counter(s["thick_source"] for s in samples)),
+        "geometry": {
+            "thin_depth": _stats([s["shape_thin"][0] for s in samples]),
+            "thick_depth": _stats([s["shape_thick"][0] for s in samples]),
+            "height": _stats([s["shape_thin"][1] for s in samples]),
+            "width": _stats([s["shape_thin"][2] for s in samples]),
+            "thin_spacing_z_mm": _stats([s["thin_spacing_mm"][0] for s in samples]),
+            "pixel_spacing_y_mm": _stats([s["thin_spacing_mm"][1] for s in samples]),
+            "pixel_spacing_x_mm": _stats([s["thin_spacing_mm"][2] for s in samples]),
+        },
+        # Percentiles of each thick series' HU (ctld.data.domain.hu_percentiles), summarised over series; absent
+        # from records of shards built before they were recorded.
+        "hu": {key: _stats([s[f"hu_{key}"] for s in samples if f"hu_{key}" in s]) for key in ("p1", "p99")},
+        "series_total": total,
+        "skipped": skipped,
+        "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        "skipped_fraction": round(len(skipped) / total if total else 0.0, 6),
+        "unused": plan_info["unused"],
+        "files_skipped": plan_info["files_skipped"],
+        "archives_skipped": plan_info["archives_skipped"],
+        "settings": {k: v for k, v in settings["shards"].items() if k not in ("salt", "out_dir", "num_workers")},
+    }
+
+
+def write_manifest(out_dir: Path, manifest: dict, max_skipped_fraction: float) -> int:
+    """Write manifest.json atomically; 1 (with a message) when more than `max_skipped_fraction` of the series were
+    skipped, else 0."""
+    atomic_json(out_dir / MANIFEST, manifest)
+    fraction, skipped, total = manifest["skipped_fraction"], manifest["skipped"], manifest["series_total"]
+    if fraction > max_skipped_fraction:
+        print(
+            f"ctld-shards: {len(skipped)} of {total} series skipped ({fraction:.0%}), more than "
+            f"shards.max_skipped_fraction={max_skipped_fraction}; reasons: {manifest['skipped_counts']}. "
+            f"See {out_dir / MANIFEST} and the log for the files, fix the inputs or change the shards.on_* policies.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

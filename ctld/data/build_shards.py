@@ -7,6 +7,15 @@
     ctld-shards encode --vae runs/vae1/export shards --out latent_shards --config configs/base.yaml
                                         # latent shards for the diffusion stage (ctld/data/encode_latents.py)
 
+Archive scale (ctld/data/shard_merge.py, k8s/README.md): N machines build one partition each into one folder,
+then one merge writes the manifest; the encode runs one process per GPU:
+
+    ctld-shards build /data/raw --out shards --config configs/base.yaml --partition 3/16   # or --partition 16
+                                        # in a Kubernetes Indexed Job (index from $JOB_COMPLETION_INDEX)
+    ctld-shards merge shards            # all 16 complete, same settings and salt -> shards/manifest.json
+    accelerate launch --multi_gpu --num_processes 8 -m ctld.data.build_shards encode --vae runs/vae1/export \
+        shards --out latent_shards --config configs/base.yaml
+
 Build: find files (folders, ZIPs, NIfTI, preprocessed cache) -> scan DICOM headers (worker processes) -> group,
 validate and sort series -> pair thick/thin (or plan a simulated thick) -> assign samples to shards by patient
 split -> decode and write shards (worker processes, tqdm) -> manifest.json. The shard plan is fixed before any
@@ -259,6 +268,9 @@ def _parser() -> argparse.ArgumentParser:
                                help="stored latent precision (float16 halves the size)")
     encode_parser.add_argument("--seed", type=int, default=0, help="seeds the crops and symmetries per sample key")
     encode_parser.add_argument("--overwrite", action="store_true", help="replace latent shards of another encode")
+    encode_parser.add_argument("--partition", default=None,
+                               help="I/N: encode only share I (0..N-1) of N of the pixel shards (times the processes "
+                                    "of an `accelerate launch`); N alone takes I from $JOB_COMPLETION_INDEX")
     encode_parser.add_argument("--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     return parser
 
@@ -269,9 +281,10 @@ def _encode_command(args: argparse.Namespace, extra: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, extra) if args.config else build_config(parse_overrides(extra))
+        partition = parse_partition(args.partition) if args.partition else None
         encode(Path(args.shards), Path(args.vae), Path(args.out), cfg, patches_per_volume=args.patches_per_volume,
                batch_size=args.batch_size, splits=tuple(s for s in args.splits.split(",") if s), dtype=args.dtype,
-               seed=args.seed, overwrite=args.overwrite)
+               seed=args.seed, overwrite=args.overwrite, partition=partition)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"ctld-shards encode: error: {error}", file=sys.stderr)
         return 2

@@ -384,29 +384,42 @@ def test_partition_from_the_indexed_job_environment(monkeypatch, capsys):
     assert err.count("\n") == 1 and "index must be in 0..2" in err
 
 
+# `ctld-shards build` that SIGKILLs itself when it starts writing its second sample: a real kill, at a known point.
+KILLED_ON_SECOND_SAMPLE = """
+import os, signal, sys
+from ctld.data import build_shards, shard_writer
+real_add, added = shard_writer._ShardSink.add, []
+def add(self, result):
+    added.append(result)
+    if len(added) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_add(self, result)
+shard_writer._ShardSink.add = add
+sys.exit(build_shards.main(sys.argv[1:]))
+"""
+
+
 def test_killed_partition_resumes_with_nothing_lost(merged_shards, synthetic_dicom, tmp_path):
-    """Partition 2/3 holds two samples ("pair", "zipped"); killed after its first shard, a rerun finishes it and the
-    merged set equals the uninterrupted one."""
+    """Partition 2/3 holds two samples ("pair", "zipped"), one per shard here; SIGKILLed while writing the second,
+    a rerun finishes it and the merged set equals the uninterrupted one."""
     out = tmp_path / "shards"
     _build_partitions(synthetic_dicom["root"], out, 3, "--shards.shard_max_samples=1", indexes=[0, 1])
     part = out / "part-0002-of-0003"
-    argv = [sys.executable, "-m", "ctld.data.build_shards", "build", str(synthetic_dicom["root"]), "--out", str(out),
-            f"--shards.salt={SHARDS_SALT}", "--shards.num_workers=1", "--log_level=ERROR", *PARTITION_SETTINGS,
-            "--shards.shard_max_samples=1", "--partition", "2/3"]
+    args = ["build", str(synthetic_dicom["root"]), "--out", str(out), f"--shards.salt={SHARDS_SALT}",
+            "--shards.num_workers=1", "--log_level=ERROR", *PARTITION_SETTINGS, "--shards.shard_max_samples=1",
+            "--partition", "2/3"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(argv, env=env, cwd=Path(__file__).resolve().parents[1])
-    deadline = time.monotonic() + 120
-    while not list(part.glob("*.tar")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert len(list(part.glob("*.tar"))) == 1 and not (part / "partition.json").exists(), "not killed mid-build"
+    repo = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", KILLED_ON_SECOND_SAMPLE, *args], env=env, cwd=repo)
+    assert killed.returncode == -signal.SIGKILL
+    complete = [p.name for p in part.glob("*.tar") if not p.name.startswith(".")]  # (glob matches .tmp-* too)
+    assert complete == ["train-000000.tar"] and not (part / "partition.json").exists()
     assert build_shards.main(["merge", str(out)]) == 2  # incomplete: refused
-    assert subprocess.run(argv, env=env, cwd=Path(__file__).resolve().parents[1]).returncode == 0
-    assert len(list(part.glob("*.tar"))) == 2 and not list(part.glob(".tmp-*"))
+    assert subprocess.run([sys.executable, "-m", "ctld.data.build_shards", *args], env=env, cwd=repo).returncode == 0
+    complete = [p.name for p in part.glob("*.tar") if not p.name.startswith(".")]
+    assert sorted(complete) == ["train-000000.tar", "train-000001.tar"] and not list(part.glob(".tmp-*"))
     assert build_shards.main(["merge", str(out)]) == 0
-    resumed, reference = _payloads(out), _payloads(merged_shards)
-    assert resumed == reference
+    assert _payloads(out) == _payloads(merged_shards)
 
 
 def _one_line_error(capsys) -> str:

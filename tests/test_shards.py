@@ -468,3 +468,40 @@ def test_merge_refuses_incomplete_damaged_or_mismatched_partitions(merged_shards
     # A partition count that does not match the others.
     _build_partitions(synthetic_dicom["root"], out, 2, indexes=[0])
     refused("partitions of 2 and 3-way builds")
+
+
+# ------------------------------------------------------------ the builder's fast paths equal what they replace (25)
+
+
+def test_fast_hu_percentiles_npy_bytes_and_hu_conversion_equal_the_plain_numpy_ones():
+    import io
+
+    from ctld.data.dicom_pixels import _to_hu
+    from ctld.data.dicom_scan import SeriesSkipped
+    from ctld.data.domain import HU_PERCENTILES, hu_percentiles
+    from ctld.data.shards import npy_bytes
+
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        dtype = np.dtype(["<i2", "<u2", ">i2", ">u2", "u1", "i1"][trial % 6])
+        info = np.iinfo(dtype)
+        low = int(rng.integers(info.min, info.max))
+        values = rng.integers(low, int(rng.integers(low, info.max)) + 1, size=(int(rng.integers(1, 4)), 5, 7))
+        values = values.astype(dtype)
+        # hu_percentiles: np.percentile's linear method, bit for bit, from one sort.
+        assert hu_percentiles(values) == tuple(float(v) for v in np.percentile(values.reshape(-1), HU_PERCENTILES))
+        # HU conversion: the 16-bit add equals the 32-bit reference, and refuses what does not fit int16.
+        intercept = float(rng.choice([0, -1024, -32768, 1000, -40000, int(rng.integers(-70000, 70000))]))
+        reference = values.astype(np.int64) + int(intercept)
+        fits = reference.min() >= -32768 and reference.max() <= 32767
+        if fits:
+            converted = _to_hu(values, 1.0, intercept, "x")
+            assert converted.dtype == np.int16 and (converted == reference).all()
+        else:
+            with pytest.raises(SeriesSkipped, match="do not fit int16"):
+                _to_hu(values, 1.0, intercept, "x")
+    for array in (np.zeros((3, 4, 5), np.int16), rng.integers(-1000, 3000, (7, 9, 11)).astype(np.int16),
+                  np.asfortranarray(np.ones((3, 4, 5), np.float32)), np.arange(20, dtype=np.int16)[::2]):
+        saved = io.BytesIO()
+        np.save(saved, np.ascontiguousarray(array), allow_pickle=False)
+        assert npy_bytes(array) == saved.getvalue()

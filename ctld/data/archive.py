@@ -154,10 +154,13 @@ def walk_files(source: str | os.PathLike) -> list[tuple[Path, str]]:
     found = []
     for root, dirs, names in os.walk(source):
         dirs.sort()
+        # One resolve per folder, not per file (resolve stats every path component: costly over 100k files).
+        resolved_root, relative_root = Path(root).resolve(), Path(root).relative_to(source)
         for file_name in sorted(names):
             path = Path(root) / file_name
             if path.is_file() and not file_name.startswith("."):
-                found.append((path.resolve(), path.relative_to(source).as_posix()))
+                resolved = path.resolve() if path.is_symlink() else resolved_root / file_name
+                found.append((resolved, (relative_root / file_name).as_posix()))
     return found
 
 

@@ -106,8 +106,12 @@ def simulate_thick(thin_hu: np.ndarray, factor: int, profile: str = "box") -> np
         slabs = thin_hu[:depth].reshape(depth // factor, factor, *thin_hu.shape[1:])
         if np.issubdtype(thin_hu.dtype, np.integer):
             # Integer sums are exact, and converting only the sums (not the whole thin volume) to float is what
-            # keeps this cheap inside the shard builder.
-            sums = slabs.sum(axis=1, dtype=np.int64)
+            # keeps this cheap inside the shard builder; adding slab planes in int32 (16-bit input) is ~2x faster
+            # than a sum over the slab axis.
+            wide = np.int32 if thin_hu.dtype.itemsize <= 2 and factor < 1 << 15 else np.int64
+            sums = slabs[:, 0].astype(wide)
+            for phase in range(1, factor):
+                sums += slabs[:, phase]
             return np.rint(sums / factor).astype(thin_hu.dtype)
         return slabs.mean(axis=1, dtype=np.float64).astype(thin_hu.dtype)
     positions, weights = slice_profile_weights(factor, profile)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -111,13 +112,16 @@ def atomic_json(path: Path, doc, *, durable: bool = True) -> None:
 
 
 class _HashingFile:
-    """A write-only file that hashes what passes through it and buffers large writes (tarfile's stream mode
-    writes 10 KiB blocks; one syscall each is slow on busy disks), so the shard is never read back to hash it."""
+    """A write-only file that hashes what passes through it and buffers small writes (tar headers and padding),
+    so the shard is never read back to hash it."""
 
     def __init__(self, path: str):
         self.file = open(path, "wb", buffering=8 << 20)
         self.sha256 = hashlib.sha256()
         self.size = 0
+
+    def tell(self) -> int:
+        return self.size
 
     def write(self, data) -> int:
         self.sha256.update(data)
@@ -163,6 +167,12 @@ class _ShardSink:
             opener=opener,
             mtime=0.0,
         )
+        # webdataset opens the tar in stream mode ("w|"), which re-buffers everything in 10 KiB blocks through
+        # bytes concatenation: 3 more copies of every byte, a third of the shard builder's time after decoding.
+        # A plain "w" tar on the same (never seeked) file writes the same bytes, in 4 MiB copies.
+        streamed = self.writer.tarstream.tarstream
+        self.writer.tarstream.tarstream = tarfile.TarFile(fileobj=self.file, mode="w", format=streamed.format,
+                                                          copybufsize=4 << 20)
 
     def add(self, result: dict) -> None:
         if not result["ok"]:

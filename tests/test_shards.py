@@ -501,7 +501,8 @@ def test_fast_hu_percentiles_npy_bytes_and_hu_conversion_equal_the_plain_numpy_o
             with pytest.raises(SeriesSkipped, match="do not fit int16"):
                 _to_hu(values, 1.0, intercept, "x")
     for array in (np.zeros((3, 4, 5), np.int16), rng.integers(-1000, 3000, (7, 9, 11)).astype(np.int16),
-                  np.asfortranarray(np.ones((3, 4, 5), np.float32)), np.arange(20, dtype=np.int16)[::2]):
+                  np.asfortranarray(np.ones((3, 4, 5), np.float32)), np.arange(20, dtype=np.int16)[::2],
+                  np.zeros((0, 4, 5), np.int16), np.ones((2, 3, 1, 4, 4), np.float16)):
         saved = io.BytesIO()
         np.save(saved, np.ascontiguousarray(array), allow_pickle=False)
         assert npy_bytes(array) == saved.getvalue()

@@ -112,11 +112,11 @@ def atomic_json(path: Path, doc, *, durable: bool = True) -> None:
 
 
 class _HashingFile:
-    """A write-only file that hashes what passes through it and buffers small writes (tar headers and padding),
-    so the shard is never read back to hash it."""
+    """A write-only file that hashes what passes through it and buffers small writes (tar headers and padding;
+    the 4 MiB data writes go straight through), so the shard is never read back to hash it."""
 
     def __init__(self, path: str):
-        self.file = open(path, "wb", buffering=8 << 20)
+        self.file = open(path, "wb", buffering=1 << 20)
         self.sha256 = hashlib.sha256()
         self.size = 0
 
@@ -130,6 +130,14 @@ class _HashingFile:
 
     def flush(self) -> None:
         self.file.flush()
+
+    def start_writeback(self) -> None:
+        """Hand what was written so far to the disk without waiting (Linux starts writeback of dirty pages on
+        POSIX_FADV_DONTNEED and drops them from the page cache once written): the fsync in `close` then waits for
+        the last sample only, not the whole shard, and a long build does not fill the page cache with shards."""
+        self.file.flush()
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         if not self.file.closed:
@@ -180,6 +188,7 @@ class _ShardSink:
             return
         sample = result["sample"]
         self.writer.write(sample)
+        self.file.start_writeback()
         info = json.loads(sample["json"])
         # The manifest's HU ranges (ctld.data.domain): percentiles of the thick side, the model's input (slab
         # averages have narrower tails than thin slices, so a thick input is compared with thick series).

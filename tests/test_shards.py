@@ -336,7 +336,7 @@ def merged_shards(synthetic_dicom, tmp_path_factory) -> Path:
     return out
 
 
-def test_three_partitions_and_merge_equal_one_build(merged_shards, built_shards, capsys):
+def test_three_partitions_and_merge_equal_one_build(merged_shards, built_shards, synthetic_dicom, capsys):
     from ctld.data.shard_plan import partition_of
 
     whole, merged = _payloads(built_shards), _payloads(merged_shards)
@@ -363,6 +363,14 @@ def test_three_partitions_and_merge_equal_one_build(merged_shards, built_shards,
     capsys.readouterr()
     assert build_shards.main(["verify", str(merged_shards)]) == 0
     assert "3 of 3 shards ok" in capsys.readouterr().out
+    assert build_shards.main(["inspect", str(merged_shards)]) == 0
+    assert "merged from 3 partitions" in capsys.readouterr().out
+    # Privacy holds for every file a partitioned build writes (records included): no salt, no identifier.
+    blob = b"".join(p.read_bytes() for p in merged_shards.rglob("*") if p.is_file())
+    for study in synthetic_dicom["studies"].values():
+        for secret in (SHARDS_SALT, study["patient"]["PatientID"], study["patient"]["PatientName"], "SYNTH",
+                       *study["uids"].values()):
+            assert secret.encode() not in blob, secret
 
 
 def _samples_keys(shard: Path) -> list[str]:

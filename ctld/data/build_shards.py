@@ -176,6 +176,8 @@ def inspect(out_dir: Path) -> int:
         f"  series {manifest['series_total']}, skipped {len(manifest['skipped'])} "
         f"({manifest['skipped_fraction']:.1%}): {manifest['skipped_counts']}"
     )
+    if manifest.get("partitions"):
+        print(f"  merged from {manifest['partitions']['count']} partitions (part-IIII-of-NNNN folders)")
     if manifest["unused"]:
         print(f"  unused series: {dict(Counter(u['reason'] for u in manifest['unused']))}")
     if manifest["files_skipped"]:

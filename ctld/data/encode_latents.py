@@ -24,6 +24,7 @@ the manifest up to date after each shard.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -101,6 +102,10 @@ def encode(shards_dir: Path, vae_export: Path, out_dir: Path, cfg: Config, *, pa
         raise ValueError(f"{shards_dir / MANIFEST} was built with factor {source['factor']} but data.factor is "
                          f"{cfg.data.factor}; pass --data.factor={source['factor']}")
     device = torch.device(device) if device else state.device
+    if device.type == "cuda":
+        # cuDNN's autotuner may pick another convolution algorithm per process (other rounding): deterministic
+        # algorithms keep a shard's bytes independent of which process encoded it.
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     # The precision the trainer's frozen VAE runs in (train.mixed_precision; auto = bf16 on a bf16 GPU).
     precision = resolve_mixed_precision(cfg.train.mixed_precision) if device.type == "cuda" else "no"
     dtype_of = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -113,7 +118,7 @@ def encode(shards_dir: Path, vae_export: Path, out_dir: Path, cfg: Config, *, pa
     if out_dir.resolve() == shards_dir.resolve():
         raise ValueError(f"--out {out_dir} is the pixel shard folder; write latent shards to a folder of their own")
     start_args = (out_dir, vae_export, settings, splits, sha256_of(shards_dir / MANIFEST))
-    fit = lambda: _fit_slab_filter(cfg, shards_dir)  # noqa: E731
+    fit = functools.partial(_fit_slab_filter, cfg, shards_dir)
     if state.num_processes > 1:  # one process starts (or replaces) the encode, the others then resume it
         if state.is_main_process:
             _start_or_resume(*start_args, overwrite, fit_slab_filter=fit)

@@ -497,6 +497,10 @@ def test_fast_header_reader_equals_pydicom_on_real_and_synthetic_files(shared_ct
         inner.CodeValue = "X"
         item.ConceptCodeSequence = [inner]
         ds.ReferencedImageSequence = [item, item]
+        # Undefined lengths (as many scanners write them): the sequence, its items, the nested sequence.
+        ds["ReferencedImageSequence"].is_undefined_length = True
+        item["ConceptCodeSequence"].is_undefined_length = True
+        item.is_undefined_length_sequence_item = True
         ds.file_meta.TransferSyntaxUID = syntax
         ds.save_as(tmp_path / name, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
         files.append(tmp_path / name)

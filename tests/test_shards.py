@@ -473,6 +473,10 @@ def test_merge_refuses_incomplete_damaged_or_mismatched_partitions(merged_shards
     assert "another-salt-77" not in record and SHARDS_SALT not in record
     assert build_shards.main([*other, f"--shards.salt={SHARDS_SALT}", "--shards.min_slices=4"]) == 0
     refused("partition 1/3 was built with other settings", "min_slices")
+    # ... and from other inputs (one study folder instead of the whole set).
+    other[1] = str(synthetic_dicom["studies"]["thin"]["dirs"]["thin"])
+    assert build_shards.main([*other, f"--shards.salt={SHARDS_SALT}"]) == 0
+    refused("partition 1/3 was planned from other inputs")
     # A partition count that does not match the others.
     _build_partitions(synthetic_dicom["root"], out, 2, indexes=[0])
     refused("partitions of 2 and 3-way builds")

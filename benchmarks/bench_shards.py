@@ -1,19 +1,26 @@
 """Shard-builder throughput against plain pydicom decoding of the same files; prints one JSON object.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_shards.py --series 6 --slices 60 --size 256 --workers 1 2
+    OMP_NUM_THREADS=1 python benchmarks/bench_shards.py --series 12 --slices 60 --size 256 --workers 1 2 \
+        --partitions 1 2
 
 Writes a synthetic set of thin DICOM series (uncompressed int16, one study per patient) under --work, then
-times (a) `pydicom.dcmread` + `.pixel_array` of every file in one process, the floor any builder pays, and
+times (a) `pydicom.dcmread` + `.pixel_array` of every file in one process, the floor any builder pays,
 (b) `ctld-shards build` end to end (discovery, header scan, validation, decode, simulated thick, tar writing,
-sha256, manifest) at each worker count. `ratio_to_plain_decode` = build MB/s / plain MB/s; the goal is
->= 0.8 per worker and near-linear scaling in workers (issue 3). Wall-clock ratios need a quiet machine;
-`cpu_ratio_to_plain_decode` (plain CPU seconds / build CPU seconds, workers included) does not.
+sha256, fsync, manifest) at each worker count, and (c) a partitioned build: P processes started together, each
+`--partition i/P` with one worker (as P pods would), then `ctld-shards merge`, for each P. `ratio_to_plain_decode`
+= build MB/s / plain MB/s; `builder_to_decode_ratio` is that of one worker, the goal >= 0.8 (issues 3, 25).
+Wall-clock ratios need a quiet machine; `cpu_ratio_to_plain_decode` (plain CPU seconds / build CPU seconds,
+workers included) does not. `load_average` is the machine's 1-minute load when the benchmark started.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import multiprocessing
+import os
 import platform
 import resource
 import shutil
@@ -54,12 +61,56 @@ def plain_decode_seconds(files: list[Path]) -> tuple[float, float]:
     return time.perf_counter() - start, cpu_seconds() - cpu
 
 
+def _build_argv(source: Path, out: Path, workers: int, shard_samples: int) -> list[str]:
+    return [
+        "build",
+        str(source),
+        "--out",
+        str(out),
+        "--shards.salt=bench",
+        f"--shards.num_workers={workers}",
+        "--log_level=ERROR",
+        "--shards.val_fraction=0",
+        "--shards.test_fraction=0",
+        # Workers build whole shards, so give them several (a real build has many).
+        f"--shards.shard_max_samples={shard_samples}",
+    ]
+
+
+def _run_partition(argv: list[str]) -> None:
+    sys.exit(build_shards.main(argv))
+
+
+def partitioned_seconds(source: Path, out: Path, count: int, shard_samples: int) -> float:
+    """Wall seconds of `count` partitions built at once (forked processes, one worker each), then merged."""
+    context = multiprocessing.get_context("fork")  # imports are inherited, as in a warm pod
+    start = time.perf_counter()
+    processes = [
+        context.Process(target=_run_partition,
+                        args=([*_build_argv(source, out, 1, shard_samples), "--partition", f"{index}/{count}"],))
+        for index in range(count)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+        if process.exitcode != 0:
+            raise SystemExit(f"partition build failed with exit code {process.exitcode}")
+    with contextlib.redirect_stdout(io.StringIO()):  # merge's summary line would break this script's JSON
+        merged = build_shards.main(["merge", str(out)])
+    if merged != 0:
+        raise SystemExit("ctld-shards merge failed")
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--series", type=int, default=6, help="thin series to write")
+    parser.add_argument("--series", type=int, default=12, help="thin series to write (one patient each)")
     parser.add_argument("--slices", type=int, default=60, help="slices per series")
     parser.add_argument("--size", type=int, default=256, help="rows = columns per slice")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
+    parser.add_argument("--partitions", type=int, nargs="+", default=[1, 2],
+                        help="partition counts to time (each partition one process with one worker)")
     parser.add_argument("--shard_samples", type=int, default=2, help="shards.shard_max_samples for the build")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best is reported)")
     parser.add_argument("--work", default="", help="scratch folder (default: a temp folder, removed afterwards)")
@@ -75,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
             "benchmark": "bench_shards",
             "python": platform.python_version(),
             "pydicom": pydicom.__version__,
+            "cpus": os.cpu_count(),
+            "load_average": round(os.getloadavg()[0], 2),
             "series": args.series,
             "files": len(files),
             "slice_shape": [args.size, args.size],
@@ -91,19 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             times, cpu_times = [], []
             for repeat in range(args.repeats):
                 out = work / f"out_{workers}_{repeat}"
-                argv_build = [
-                    "build",
-                    str(work / "in"),
-                    "--out",
-                    str(out),
-                    "--shards.salt=bench",
-                    f"--shards.num_workers={workers}",
-                    "--log_level=ERROR",
-                    "--shards.val_fraction=0",
-                    "--shards.test_fraction=0",
-                    # Workers build whole shards, so give them several (a real build has many).
-                    f"--shards.shard_max_samples={args.shard_samples}",
-                ]
+                argv_build = _build_argv(work / "in", out, workers, args.shard_samples)
                 start, cpu = time.perf_counter(), cpu_seconds()
                 code = build_shards.main(argv_build)
                 times.append(time.perf_counter() - start)
@@ -124,6 +165,23 @@ def main(argv: list[str] | None = None) -> None:
                 "cpu_seconds": round(min(cpu_times), 3),
                 "cpu_ratio_to_plain_decode": round(plain_cpu / min(cpu_times), 3),
             }
+        one = result["build"].get("1")
+        if one is not None:
+            result["builder_to_decode_ratio"] = {"wall": one["ratio_to_plain_decode"],
+                                                 "cpu": one["cpu_ratio_to_plain_decode"], "goal": 0.8}
+        result["partitions"] = {}
+        for count in args.partitions:
+            best = min(partitioned_seconds(work / "in", work / f"parts_{count}_{repeat}", count, args.shard_samples)
+                       for repeat in range(args.repeats))
+            result["partitions"][str(count)] = {
+                "seconds": round(best, 3),
+                "series_per_s": round(args.series / best, 2),
+                "mb_per_s": round(pixel_mb / best, 1),
+                "ratio_to_plain_decode": round(pixel_mb / best / (pixel_mb / plain), 3),
+            }
+        if "1" in result["partitions"]:
+            for info in result["partitions"].values():
+                info["speedup_over_1"] = round(result["partitions"]["1"]["seconds"] / info["seconds"], 2)
         print(json.dumps(result, indent=1))
     finally:
         if not args.work:

@@ -562,3 +562,55 @@ def test_sheared_nifti_is_a_named_skip_in_the_build(tmp_path, caplog):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["samples"] == 1 and manifest["skipped_counts"] == {"gantry_tilt": 1}, manifest
     assert "sheared.nii.gz" in caplog.text
+
+
+# ------------------------------------------------------------------------ the fast header reader (issue 25)
+
+
+def _scan_both(path: Path):
+    """scan_file with the fast header reader and with pydicom: (result or skip reason) each."""
+    results = []
+    for fast in (True, False):
+        try:
+            results.append(scan_file(str(path), "rel", fast=fast))
+        except SeriesSkipped as error:
+            results.append(("skipped", error.reason))
+    return results
+
+
+def test_fast_header_reader_equals_pydicom_on_real_and_synthetic_files(shared_ct, synthetic_dicom, tmp_path):
+    from ctld.data.dicom_scan import _fast_header
+
+    files = [p for p in sorted(shared_ct.rglob("*")) if p.is_file() and not p.name.endswith((".nii.gz", ".nii"))]
+    files += [p for p in sorted(synthetic_dicom["root"].rglob("*.dcm"))]
+    # A header longer than the first read (a 100 KB private element), implicit VR, and a nested undefined-length
+    # sequence before the pixels.
+    series = synthetic_dicom["studies"]["thin"]["dirs"]["thin"]
+    for name, syntax, implicit in (("big.dcm", "1.2.840.10008.1.2.1", False), ("implicit.dcm", "1.2.840.10008.1.2",
+                                                                                  True)):
+        ds = pydicom.dcmread(sorted(series.glob("*.dcm"))[3])
+        ds.add_new(0x00291010, "OB", b"\x01" * 100_000)
+        item = pydicom.Dataset()
+        item.ReferencedSOPInstanceUID = "1.2.3"
+        inner = pydicom.Dataset()
+        inner.CodeValue = "X"
+        item.ConceptCodeSequence = [inner]
+        ds.ReferencedImageSequence = [item, item]
+        # Undefined lengths (as many scanners write them): the sequence, its items, the nested sequence.
+        ds["ReferencedImageSequence"].is_undefined_length = True
+        item["ConceptCodeSequence"].is_undefined_length = True
+        item.is_undefined_length_sequence_item = True
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.save_as(tmp_path / name, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
+        files.append(tmp_path / name)
+    fast_used = 0
+    for path in files:
+        fast, slow = _scan_both(path)
+        assert fast == slow, path
+        try:
+            fast_used += _fast_header(path) is not None
+        except OSError:
+            pass
+    synthetic = [p for p in files if str(p).startswith(str(synthetic_dicom["root"])) or p.parent == tmp_path]
+    assert all(_fast_header(p) is not None for p in synthetic)  # the fast path is really taken
+    assert fast_used >= 70, fast_used  # and on most of the real files (79 DICOM files; big endian etc. excepted)

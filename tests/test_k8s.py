@@ -39,6 +39,7 @@ def _manifest_docs() -> list[tuple[str, dict]]:
 
 DOCS = _manifest_docs()
 JOBS = {doc["metadata"]["name"]: doc for _, doc in DOCS if doc["kind"] == "PyTorchJob"}
+CORE_JOBS = {doc["metadata"]["name"]: doc for _, doc in DOCS if doc["kind"] == "Job"}
 
 
 def _by_kind(kind: str) -> list[dict]:
@@ -99,6 +100,38 @@ def webhook_errors(job: dict) -> list[str]:
     return errors
 
 
+def job_api_errors(job: dict) -> list[str]:
+    """The API server's Job rules that the OpenAPI schema does not express (kubernetes pkg/apis/batch/validation,
+    v1.30-1.34): Indexed needs completions; per-index backoff only on Indexed Jobs; FailIndex needs per-index backoff;
+    a pod failure policy needs restartPolicy Never and names real containers, never exit code 0 with In."""
+    errors = []
+    spec = job.get("spec", {})
+    pod = spec.get("template", {}).get("spec", {})
+    indexed = spec.get("completionMode") == "Indexed"
+    if indexed and spec.get("completions") is None:
+        errors.append("completionMode Indexed needs spec.completions")
+    for field in ("backoffLimitPerIndex", "maxFailedIndexes"):
+        if field in spec and not indexed:
+            errors.append(f"spec.{field} needs completionMode Indexed")
+    if "maxFailedIndexes" in spec and "backoffLimitPerIndex" not in spec:
+        errors.append("spec.maxFailedIndexes needs spec.backoffLimitPerIndex")
+    policy = spec.get("podFailurePolicy")
+    if policy is not None:
+        if pod.get("restartPolicy") != "Never":
+            errors.append("podFailurePolicy needs template restartPolicy Never")
+        names = {c["name"] for c in pod.get("containers", []) + pod.get("initContainers", [])}
+        for rule in policy.get("rules", []):
+            if rule["action"] == "FailIndex" and "backoffLimitPerIndex" not in spec:
+                errors.append("action FailIndex needs spec.backoffLimitPerIndex")
+            codes = rule.get("onExitCodes")
+            if codes:
+                if codes.get("containerName") is not None and codes["containerName"] not in names:
+                    errors.append(f"onExitCodes.containerName {codes['containerName']!r} names no container")
+                if codes["operator"] == "In" and 0 in codes["values"]:
+                    errors.append("onExitCodes with operator In cannot list 0")
+    return errors
+
+
 def _check_core(doc: dict) -> None:
     import kubernetes_validate
 
@@ -112,7 +145,8 @@ def _check_core(doc: dict) -> None:
 def test_manifests_hold_the_expected_objects():
     kinds = sorted((doc["kind"], doc["metadata"]["name"]) for _, doc in DOCS)
     assert kinds == [
-        ("Deployment", "ctld-tensorboard"), ("Job", "ctld-shards-build"), ("PersistentVolumeClaim", "ctld-data"),
+        ("Deployment", "ctld-tensorboard"), ("Job", "ctld-shards-build"), ("Job", "ctld-shards-encode"),
+        ("Job", "ctld-shards-merge"), ("PersistentVolumeClaim", "ctld-data"),
         ("Pod", "ctld-data"), ("PyTorchJob", "ctld-diffusion"), ("PyTorchJob", "ctld-vae"),
         ("Service", "ctld-tensorboard"),
     ]
@@ -177,7 +211,7 @@ def test_core_objects_validate_strictly(file, index):
 
 def test_core_validation_rejects_a_planted_typo():
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    (job,) = _by_kind("Job")
+    job = CORE_JOBS["ctld-shards-build"]
     bad = copy.deepcopy(job)
     bad["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -287,7 +321,7 @@ def test_training_pods_have_gpus_shm_volume_and_preemption_settings(name):
 
 
 def test_shards_job_and_tensorboard_use_the_training_paths():
-    (job,) = _by_kind("Job")
+    job = CORE_JOBS["ctld-shards-build"]
     (build,) = job["spec"]["template"]["spec"]["containers"]
     command = build["command"]
     assert command[:2] == ["ctld-shards", "build"]
@@ -303,3 +337,79 @@ def test_shards_job_and_tensorboard_use_the_training_paths():
     (service,) = _by_kind("Service")
     assert service["spec"]["selector"] == tensorboard["spec"]["selector"]["matchLabels"]
     assert all(doc["metadata"]["labels"]["app.kubernetes.io/component"] for _, doc in DOCS), "README applies by label"
+
+
+# -------------------------------------------------------------------- archive scale: partitions and encode (issue 25)
+
+
+@pytest.mark.parametrize("name", sorted(CORE_JOBS))
+def test_jobs_follow_the_api_servers_job_rules(name):
+    assert job_api_errors(CORE_JOBS[name]) == []
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda j: j["spec"].pop("completionMode"), "spec.backoffLimitPerIndex needs completionMode Indexed"),
+    (lambda j: j["spec"].pop("backoffLimitPerIndex"), "action FailIndex needs spec.backoffLimitPerIndex"),
+    (lambda j: j["spec"]["template"]["spec"].__setitem__("restartPolicy", "OnFailure"),
+     "podFailurePolicy needs template restartPolicy Never"),
+    (lambda j: j["spec"]["template"]["spec"]["containers"][0].__setitem__("name", "builder"),
+     "onExitCodes.containerName 'build' names no container"),
+    (lambda j: j["spec"].pop("completions"), "completionMode Indexed needs spec.completions"),
+])
+def test_job_rules_reject_bad_jobs(mutate, message):
+    job = copy.deepcopy(CORE_JOBS["ctld-shards-build"])
+    mutate(job)
+    assert message in job_api_errors(job)
+
+
+def _parsed(command: list[str]):
+    """argparse's view of a `ctld-shards` command line (unknown flags left over: --section.key=value)."""
+    from ctld.data.build_shards import _parser
+
+    args, extra = _parser().parse_known_args(command)
+    return args, extra
+
+
+def test_partitioned_build_then_merge_then_encode_share_one_folder():
+    from ctld.config import load_config
+    from ctld.data.shard_plan import parse_partition
+
+    build, merge, encode = (CORE_JOBS[n] for n in ("ctld-shards-build", "ctld-shards-merge", "ctld-shards-encode"))
+    spec = build["spec"]
+    assert spec["completionMode"] == "Indexed" and 1 <= spec["parallelism"] <= spec["completions"]
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["ctld-shards", "build"]
+    args, extra = _parsed(container["command"][1:])
+    # --partition N: the index comes from JOB_COMPLETION_INDEX, which the Job sets from 0 to completions - 1.
+    assert [parse_partition(args.partition, {"JOB_COMPLETION_INDEX": str(i)}) for i in (0, spec["completions"] - 1)
+            ] == [(0, spec["completions"]), (spec["completions"] - 1, spec["completions"])]
+    load_config(REPO_ROOT / args.config, extra)  # unknown keys or bad values raise here
+    # Preemption never fails the job; deterministic failures (exit 1, 2) fail only their index.
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    (exit_rule,) = [r for r in rules if "onExitCodes" in r]
+    assert exit_rule["action"] == "FailIndex" and exit_rule["onExitCodes"]["values"] == [1, 2]
+    assert spec["backoffLimitPerIndex"] >= 1 and "maxFailedIndexes" not in spec, "other partitions still finish"
+
+    (merge_container,) = merge["spec"]["template"]["spec"]["containers"]
+    merge_args, merge_extra = _parsed(merge_container["command"][1:])
+    assert merge_args.command == "merge" and merge_args.out == args.out and not merge_extra
+    labels = {job["metadata"]["labels"]["app.kubernetes.io/component"] for job in (build, merge, encode)}
+    assert labels == {"shards", "shards-merge", "encode"}, "the merge is applied after the build completes"
+
+    encode_spec = encode["spec"]
+    (encode_container,) = encode_spec["template"]["spec"]["containers"]
+    command = encode_container["command"]
+    assert command[:2] == ["accelerate", "launch"] and "--multi_gpu" in command
+    module = command.index("-m")
+    assert command[module + 1] == "ctld.data.build_shards"
+    processes = int(command[command.index("--num_processes") + 1])
+    assert processes == encode_container["resources"]["limits"]["nvidia.com/gpu"]
+    encode_args, encode_extra = _parsed(command[module + 2:])
+    assert encode_args.command == "encode" and encode_args.shards == args.out
+    assert parse_partition(encode_args.partition, {"JOB_COMPLETION_INDEX": "0"}) == (0, encode_spec["completions"])
+    load_config(REPO_ROOT / encode_args.config, encode_extra)
+    vae = JOBS["ctld-vae"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    vae_cfg = load_config(REPO_ROOT / vae[4], vae[5:])
+    assert encode_args.vae == f"{vae_cfg.train.output_dir}/{vae_cfg.train.run_name}/export"
+    assert encode_args.out.startswith("/data/") and encode_args.out != args.out

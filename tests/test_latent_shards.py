@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import synthetic_ct
+from conftest import SHARDS_SALT, synthetic_ct
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ctld.config import load_config
@@ -42,8 +42,8 @@ def _encode(shards: Path, vae: Path, out: Path, *extra: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def one_patch_shards(tmp_path_factory, make_shards) -> Path:
-    """Pixel shards of 6 NIfTI volumes (30 x 16 x 16 at 1 mm; simulated 5 mm thick: 6 slices), 2 per shard."""
+def one_patch_nifti(tmp_path_factory) -> Path:
+    """6 NIfTI volumes (30 x 16 x 16 at 1 mm; simulated 5 mm thick: 6 slices)."""
     from ctld.data.nifti import write_nifti
     from ctld.data.volume import Volume
 
@@ -51,8 +51,16 @@ def one_patch_shards(tmp_path_factory, make_shards) -> Path:
     for index in range(6):
         volume = Volume(synthetic_ct(30, 16, index), (1.0, 0.7, 0.7), (0.0, 0.0, 0.0), np.eye(3))
         write_nifti(volume, source / f"volume{index}.nii.gz")
-    return make_shards("--shards.val_fraction=0.2", "--shards.test_fraction=0", "--shards.shard_max_samples=2",
-                       sources=[source])
+    return source
+
+
+ONE_PATCH_SHARDS = ["--shards.val_fraction=0.2", "--shards.test_fraction=0", "--shards.shard_max_samples=2"]
+
+
+@pytest.fixture(scope="module")
+def one_patch_shards(one_patch_nifti, make_shards) -> Path:
+    """Pixel shards of the one_patch_nifti volumes, 2 per shard."""
+    return make_shards(*ONE_PATCH_SHARDS, sources=[one_patch_nifti])
 
 
 def _vae_export(out: Path, seed: int) -> Path:
@@ -323,3 +331,64 @@ def test_a_small_volume_encode_names_the_setting_to_change_and_works_with_it(mak
     # An override the config does not have is one line and exit code 2, as in the trainer.
     assert build_shards.main([*argv, "--out", str(tmp_path / "c"), "--diffusion.slab_tapz=3"]) == 2
     assert "slab_tapz" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ many processes (issue 25)
+
+
+def _comparable(manifest: dict) -> list[tuple]:
+    """A latent manifest's shard entries without what depends on who encoded them and how fast."""
+    return [(e["name"], e["split"], e["samples"], e["patches"], e["skipped"], e["bytes"], e["sha256"])
+            for e in manifest["shards"]]
+
+
+def test_two_process_encode_writes_the_bytes_of_one_process(latent_dir, one_patch_shards, vae_export, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): each encodes every other shard; the latent shards and the
+    manifest's entries equal the one-process encode's byte for byte."""
+    out = tmp_path / "latent2"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "-m", "ctld.data.build_shards", "encode",
+           str(one_patch_shards), "--vae", str(vae_export), "--out", str(out), "--config", TINY, "--log_level=INFO",
+           *ONE_PATCH, "--patches_per_volume=3"]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    two, one = read_latent_manifest(out), read_latent_manifest(latent_dir)
+    assert len(one["shards"]) >= 2 and two["status"] == "complete"
+    # The world size it got (`--cpu --num_processes 2` would silently run one process): both shares encoded.
+    assert sorted({entry["share"] for entry in two["shards"]}) == ["0/2", "1/2"]
+    assert _comparable(two) == _comparable(one) and two["totals"] == one["totals"]
+    assert two["slab_filter"] == one["slab_filter"] and two["settings"] == one["settings"]
+    for entry in one["shards"]:
+        assert (out / entry["name"]).read_bytes() == (latent_dir / entry["name"]).read_bytes(), entry["name"]
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_partitioned_encode_of_merged_partitions_completes_with_the_last_share(one_patch_nifti, vae_export,
+                                                                             tmp_path):
+    """Pixel shards built as 2 partitions and merged (names `part-000I-of-0002/...`), encoded as --partition 0/2
+    and 1/2 started apart: the first leaves the manifest incomplete, the second completes it, and the latent shards
+    equal a one-process encode of the same folder."""
+    pixel = tmp_path / "pixel"
+    for index in range(2):
+        assert build_shards.main(["build", str(one_patch_nifti), "--out", str(pixel), "--partition", f"{index}/2",
+                                  f"--shards.salt={SHARDS_SALT}", "--shards.num_workers=1", "--log_level=ERROR",
+                                  *ONE_PATCH_SHARDS]) == 0
+    assert build_shards.main(["merge", str(pixel)]) == 0
+    whole = tmp_path / "whole"
+    assert _encode(pixel, vae_export, whole, "--patches_per_volume=2", "--splits=train,val") == 0
+    out = tmp_path / "shared"
+    assert _encode(pixel, vae_export, out, "--patches_per_volume=2", "--splits=train,val", "--partition=1/2") == 0
+    assert read_latent_manifest(out)["status"] == "incomplete"
+    with pytest.raises(ValueError, match="unfinished encode"):
+        latent_shard_urls(out)
+    assert _encode(pixel, vae_export, out, "--patches_per_volume=2", "--splits=train,val", "--partition=0/2") == 0
+    shared, one = read_latent_manifest(out), read_latent_manifest(whole)
+    assert shared["status"] == "complete" and _comparable(shared) == _comparable(one)
+    names = [entry["name"] for entry in one["shards"]]
+    assert all(name.startswith("part-000") for name in names)
+    for name in names:
+        assert (out / name).read_bytes() == (whole / name).read_bytes()
+    assert latent_shard_urls(out, "val") == [str(out / n) for n in names if "/val-" in n]
+    assert _encode(pixel, vae_export, out, "--partition=0/2", "--overwrite") == 2  # partitions never delete
+

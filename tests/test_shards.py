@@ -300,3 +300,250 @@ def test_inplane_resampling_keeps_thick_and_thin_on_one_grid(make_shards, synthe
     # Resampling commutes with slab averaging up to rounding: the pair stays aligned.
     expected = simulate_thick(pair["thin.npy"][info["offset"] :].astype(np.float64), FACTOR)[:9]
     assert np.abs(pair["thick.npy"] - expected).max() <= 1.0
+
+
+# ------------------------------------------------------------------------------------ partitions and merge (issue 25)
+
+PARTITION_SETTINGS = ["--shards.val_fraction=0.3", "--shards.test_fraction=0.0", "--shards.shard_max_samples=2"]
+
+
+def _build_partitions(source: Path, out: Path, count: int, *extra: str, indexes=None) -> None:
+    for index in range(count) if indexes is None else indexes:
+        argv = ["build", str(source), "--out", str(out), f"--shards.salt={SHARDS_SALT}", "--shards.num_workers=1",
+                "--log_level=ERROR", *PARTITION_SETTINGS, "--partition", f"{index}/{count}", *extra]
+        assert build_shards.main(argv) == 0
+
+
+def _payloads(out: Path) -> dict[str, tuple[str, dict]]:
+    """key -> (split, {member: bytes}) of every sample the manifest lists, read as the loader finds them."""
+    from ctld.data.shards import manifest_shards
+    from ctld.data.tar_reader import iter_raw_samples
+
+    found = {}
+    for split in ("train", "val", "test"):
+        for url in manifest_shards(out, split):
+            for raw in iter_raw_samples(url):
+                assert raw["__key__"] not in found, f"{raw['__key__']} twice"
+                found[raw["__key__"]] = (split, {k: v for k, v in raw.items() if not k.startswith("__")})
+    return found
+
+
+@pytest.fixture(scope="module")
+def merged_shards(synthetic_dicom, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("partitioned") / "shards"
+    _build_partitions(synthetic_dicom["root"], out, 3)
+    assert build_shards.main(["merge", str(out)]) == 0
+    return out
+
+
+def test_three_partitions_and_merge_equal_one_build(merged_shards, built_shards, synthetic_dicom, capsys):
+    from ctld.data.shard_plan import partition_of
+
+    whole, merged = _payloads(built_shards), _payloads(merged_shards)
+    assert len(whole) == 4 and sorted(merged) == sorted(whole)
+    for key, (split, members) in whole.items():
+        assert merged[key][0] == split and merged[key][1] == members, key  # byte-identical sample payloads
+    # Each partition holds exactly the patients its salted hash names; here more than one partition has samples.
+    holders = set()
+    for folder in merged_shards.glob("part-*-of-0003"):
+        index = int(folder.name[5:9])
+        for shard in folder.glob("*.tar"):
+            for key in _samples_keys(shard):
+                assert partition_of(key.split("_")[0], 3) == index
+                holders.add(index)
+    assert len(holders) >= 2
+    one, three = (json.loads((d / "manifest.json").read_text()) for d in (built_shards, merged_shards))
+    assert all(entry["name"].startswith("part-") for entry in three["shards"])
+    assert three["partitions"]["count"] == 3
+    for field in ("samples", "thick_source", "geometry", "hu", "series_total", "skipped", "skipped_counts", "unused",
+                  "files_skipped", "settings", "factor"):
+        assert three[field] == one[field], field
+    assert {s: {k: v for k, v in i.items() if k != "shards"} for s, i in three["splits"].items()} == {
+        s: {k: v for k, v in i.items() if k != "shards"} for s, i in one["splits"].items()}
+    capsys.readouterr()
+    assert build_shards.main(["verify", str(merged_shards)]) == 0
+    assert "3 of 3 shards ok" in capsys.readouterr().out
+    assert build_shards.main(["inspect", str(merged_shards)]) == 0
+    assert "merged from 3 partitions" in capsys.readouterr().out
+    # Privacy holds for every file a partitioned build writes (records included): no salt, no identifier.
+    blob = b"".join(p.read_bytes() for p in merged_shards.rglob("*") if p.is_file())
+    for study in synthetic_dicom["studies"].values():
+        for secret in (SHARDS_SALT, study["patient"]["PatientID"], study["patient"]["PatientName"], "SYNTH",
+                       *study["uids"].values()):
+            assert secret.encode() not in blob, secret
+
+
+def _samples_keys(shard: Path) -> list[str]:
+    from ctld.data.tar_reader import iter_raw_samples
+
+    return [raw["__key__"] for raw in iter_raw_samples(str(shard))]
+
+
+def test_partition_from_the_indexed_job_environment(monkeypatch, capsys):
+    from ctld.data.shard_plan import parse_partition
+
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    assert parse_partition("4") == (2, 4) and parse_partition("1/3") == (1, 3)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX")
+    assert build_shards.main(["build", "/nonexistent-but-unused", "--partition", "4"]) == 2
+    assert "$JOB_COMPLETION_INDEX, which is not set" in capsys.readouterr().err
+    assert build_shards.main(["build", ".", "--partition", "3/3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "index must be in 0..2" in err
+
+
+# `ctld-shards build` that SIGKILLs itself when it starts writing its second sample: a real kill, at a known point.
+KILLED_ON_SECOND_SAMPLE = """
+import os, signal, sys
+from ctld.data import build_shards, shard_writer
+real_add, added = shard_writer._ShardSink.add, []
+def add(self, result):
+    added.append(result)
+    if len(added) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_add(self, result)
+shard_writer._ShardSink.add = add
+sys.exit(build_shards.main(sys.argv[1:]))
+"""
+
+
+def test_killed_partition_resumes_with_nothing_lost(merged_shards, synthetic_dicom, tmp_path):
+    """Partition 2/3 holds two samples ("pair", "zipped"), one per shard here; SIGKILLed while writing the second,
+    a rerun finishes it and the merged set equals the uninterrupted one."""
+    out = tmp_path / "shards"
+    _build_partitions(synthetic_dicom["root"], out, 3, "--shards.shard_max_samples=1", indexes=[0, 1])
+    part = out / "part-0002-of-0003"
+    args = ["build", str(synthetic_dicom["root"]), "--out", str(out), f"--shards.salt={SHARDS_SALT}",
+            "--shards.num_workers=1", "--log_level=ERROR", *PARTITION_SETTINGS, "--shards.shard_max_samples=1",
+            "--partition", "2/3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    repo = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", KILLED_ON_SECOND_SAMPLE, *args], env=env, cwd=repo)
+    assert killed.returncode == -signal.SIGKILL
+    complete = [p.name for p in part.glob("*.tar") if not p.name.startswith(".")]  # (glob matches .tmp-* too)
+    assert complete == ["train-000000.tar"] and not (part / "partition.json").exists()
+    assert build_shards.main(["merge", str(out)]) == 2  # incomplete: refused
+    assert subprocess.run([sys.executable, "-m", "ctld.data.build_shards", *args], env=env, cwd=repo).returncode == 0
+    complete = [p.name for p in part.glob("*.tar") if not p.name.startswith(".")]
+    assert sorted(complete) == ["train-000000.tar", "train-000001.tar"] and not list(part.glob(".tmp-*"))
+    assert build_shards.main(["merge", str(out)]) == 0
+    assert _payloads(out) == _payloads(merged_shards)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_merge_refuses_incomplete_damaged_or_mismatched_partitions(merged_shards, synthetic_dicom, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "shards"
+    shutil.copytree(merged_shards, out)
+    manifest = (out / "manifest.json").read_bytes()
+
+    def refused(*expected: str) -> None:
+        capsys.readouterr()
+        assert build_shards.main(["merge", str(out)]) == 2
+        err = _one_line_error(capsys)
+        for text in expected:
+            assert text in err, err
+        assert (out / "manifest.json").read_bytes() == manifest, "a refused merge wrote the manifest"
+
+    shutil.move(out / "part-0001-of-0003", tmp_path / "aside")
+    refused("partition 1/3 is missing", "--partition 1/3")
+    shutil.move(tmp_path / "aside", out / "part-0001-of-0003")
+    (out / "part-0002-of-0003" / "partition.json").rename(tmp_path / "record.json")
+    (out / "part-0000-of-0003" / "partition.json").write_text("{not json")
+    refused("partition 0/3 is damaged", "partition 2/3 is incomplete")  # every problem, in one line
+    (tmp_path / "record.json").rename(out / "part-0002-of-0003" / "partition.json")
+    shutil.copy(merged_shards / "part-0000-of-0003" / "partition.json", out / "part-0000-of-0003")
+    shard = out / "part-0002-of-0003" / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    refused("partition 2/3 is damaged", "train-000000.tar 1000 bytes")
+    shutil.copy(merged_shards / "part-0002-of-0003" / "train-000000.tar", shard)
+    assert build_shards.main(["merge", str(out)]) == 0 and (out / "manifest.json").read_bytes() == manifest
+
+    # Partition 1 rebuilt with another salt, then with another setting: refused by hash, the salt never shown.
+    other = ["build", str(synthetic_dicom["root"]), "--out", str(out), "--shards.num_workers=1", "--log_level=ERROR",
+             *PARTITION_SETTINGS, "--partition", "1/3", "--overwrite"]
+    assert build_shards.main([*other, "--shards.salt=another-salt-77"]) == 0
+    refused("partition 1/3 was built with another salt")
+    record = (out / "part-0001-of-0003" / "partition.json").read_text()
+    assert "another-salt-77" not in record and SHARDS_SALT not in record
+    assert build_shards.main([*other, f"--shards.salt={SHARDS_SALT}", "--shards.min_slices=4"]) == 0
+    refused("partition 1/3 was built with other settings", "min_slices")
+    # ... and from other inputs (one study folder instead of the whole set).
+    other[1] = str(synthetic_dicom["studies"]["thin"]["dirs"]["thin"])
+    assert build_shards.main([*other, f"--shards.salt={SHARDS_SALT}"]) == 0
+    refused("partition 1/3 was planned from other inputs")
+    # A partition count that does not match the others.
+    _build_partitions(synthetic_dicom["root"], out, 2, indexes=[0])
+    refused("partitions of 2 and 3-way builds")
+
+
+# ------------------------------------------------------------ the builder's fast paths equal what they replace (25)
+
+
+def test_fast_hu_percentiles_npy_bytes_and_hu_conversion_equal_the_plain_numpy_ones():
+    import io
+
+    from ctld.data.dicom_pixels import _to_hu
+    from ctld.data.dicom_scan import SeriesSkipped
+    from ctld.data.domain import HU_PERCENTILES, hu_percentiles
+    from ctld.data.shards import npy_bytes
+
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        dtype = np.dtype(["<i2", "<u2", ">i2", ">u2", "u1", "i1"][trial % 6])
+        info = np.iinfo(dtype)
+        low = int(rng.integers(info.min, info.max))
+        values = rng.integers(low, int(rng.integers(low, info.max)) + 1, size=(int(rng.integers(1, 4)), 5, 7))
+        values = values.astype(dtype)
+        # hu_percentiles: np.percentile's linear method, bit for bit, from one sort.
+        assert hu_percentiles(values) == tuple(float(v) for v in np.percentile(values.reshape(-1), HU_PERCENTILES))
+        # HU conversion: the 16-bit add equals the 32-bit reference, and refuses what does not fit int16.
+        intercept = float(rng.choice([0, -1024, -32768, 1000, -40000, int(rng.integers(-70000, 70000))]))
+        reference = values.astype(np.int64) + int(intercept)
+        fits = reference.min() >= -32768 and reference.max() <= 32767
+        if fits:
+            converted = _to_hu(values, 1.0, intercept, "x")
+            assert converted.dtype == np.int16 and (converted == reference).all()
+        else:
+            with pytest.raises(SeriesSkipped, match="do not fit int16"):
+                _to_hu(values, 1.0, intercept, "x")
+    for array in (np.zeros((3, 4, 5), np.int16), rng.integers(-1000, 3000, (7, 9, 11)).astype(np.int16),
+                  np.asfortranarray(np.ones((3, 4, 5), np.float32)), np.arange(20, dtype=np.int16)[::2],
+                  np.zeros((0, 4, 5), np.int16), np.ones((2, 3, 1, 4, 4), np.float16)):
+        saved = io.BytesIO()
+        np.save(saved, np.ascontiguousarray(array), allow_pickle=False)
+        assert npy_bytes(array) == saved.getvalue()
+
+
+def test_shard_sink_writes_the_bytes_of_webdatasets_tar_writer(tmp_path):
+    """The sink swaps webdataset's stream-mode tar for a seekable-mode one (fewer copies): same bytes, same hash."""
+    import hashlib
+    import io
+
+    from ctld.data.shard_plan import DONE_DIR, ShardPlan
+    from ctld.data.shard_writer import _ShardSink
+    from ctld.data.shards import encode_sample
+
+    rng = np.random.default_rng(0)
+    info = {"factor": 5, "offset": 0, "thick_source": "simulated", "shape_thin": [13, 17, 19],
+            "shape_thick": [2, 17, 19], "thin_spacing_mm": [1.0, 1.0, 1.0]}
+    samples = [encode_sample(f"{i:016x}_abc", rng.integers(-1000, 1000, (13, 17, 19)).astype(np.int16),
+                             rng.integers(-1000, 1000, (2, 17, 19)).astype(np.int16), info) for i in range(3)]
+    (tmp_path / DONE_DIR).mkdir()
+    sink = _ShardSink(tmp_path, ShardPlan("train-000000.tar", "train", [None] * 3))
+    for sample in samples:
+        sink.add({"ok": True, "sample": sample})
+    record = sink.close()
+    reference = io.BytesIO()
+    writer = wds.TarWriter(reference, mtime=0.0)
+    for sample in samples:
+        writer.write(sample)
+    writer.close()
+    assert (tmp_path / "train-000000.tar").read_bytes() == reference.getvalue()
+    assert record["sha256"] == hashlib.sha256(reference.getvalue()).hexdigest()
+    assert record["bytes"] == len(reference.getvalue()) and record["samples"] == 3

@@ -169,12 +169,15 @@ def walk_files(source: str | os.PathLike) -> list[tuple[Path, str]]:
             visited.add(real)
             kept.append(dir_name)
         dirs[:] = kept
+        # One resolve per folder, not per file (resolve stats every path component: costly over 100k files).
+        relative_root = Path(root).relative_to(source)
         for file_name in sorted(names):
             path = Path(root) / file_name
             if file_name.startswith("."):
                 continue
             if path.is_file():
-                found.append((path.resolve(), path.relative_to(source).as_posix()))
+                resolved = path.resolve() if path.is_symlink() else real_root / file_name
+                found.append((resolved, (relative_root / file_name).as_posix()))
             elif path.is_symlink():
                 logger.warning("skipped %s (broken_symlink): the link leads to no file (dangling or a cycle of links)",
                                path.relative_to(source).as_posix())

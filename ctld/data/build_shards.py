@@ -7,6 +7,15 @@
     ctld-shards encode --vae runs/vae1/export shards --out latent_shards --config configs/base.yaml
                                         # latent shards for the diffusion stage (ctld/data/encode_latents.py)
 
+Archive scale (ctld/data/shard_merge.py, k8s/README.md): N machines build one partition each into one folder,
+then one merge writes the manifest; the encode runs one process per GPU:
+
+    ctld-shards build /data/raw --out shards --config configs/base.yaml --partition 3/16   # or --partition 16
+                                        # in a Kubernetes Indexed Job (index from $JOB_COMPLETION_INDEX)
+    ctld-shards merge shards            # all 16 complete, same settings and salt -> shards/manifest.json
+    accelerate launch --multi_gpu --num_processes 8 -m ctld.data.build_shards encode --vae runs/vae1/export \
+        shards --out latent_shards --config configs/base.yaml
+
 Build: find files (folders, ZIPs, NIfTI, preprocessed cache) -> scan DICOM headers (worker processes) -> group,
 validate and sort series -> pair thick/thin (or plan a simulated thick) -> assign samples to shards by patient
 split -> decode and write shards (worker processes, tqdm) -> manifest.json. The shard plan is fixed before any
@@ -31,48 +40,67 @@ import logging
 import sys
 import tarfile
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
-
-import numpy as np
 
 from ctld.config import Config, ConfigError, build_config, load_config, parse_overrides
 from ctld.data.archive import discover
 from ctld.data.salt import resolve_salt
-from ctld.data.shard_plan import DONE_DIR, PLAN, SPLITS, TMP_PREFIX, Builder, worker_pool
-from ctld.data.shard_writer import atomic_json, build_shard, load_done, sha256_of
-from ctld.data.shards import FORMAT_VERSION, MANIFEST, decode_sample, read_manifest
+from ctld.data.shard_merge import merge, write_partition
+from ctld.data.shard_plan import (
+    DONE_DIR,
+    PARTITION,
+    PLAN,
+    TMP_PREFIX,
+    Builder,
+    parse_partition,
+    partition_dir,
+    worker_pool,
+)
+from ctld.data.shard_writer import atomic_json, build_shard, load_done, manifest_doc, sha256_of, write_manifest
+from ctld.data.shards import MANIFEST, decode_sample, read_manifest
 from ctld.data.tar_reader import iter_raw_samples
 
 logger = logging.getLogger(__name__)
 
 
-def _stats(values: list[float]) -> dict:
-    if not values:
-        return {}
-    array = np.asarray(values, dtype=np.float64)
-    return {"min": float(array.min()), "median": float(np.median(array)), "max": float(array.max())}
-
-
-def build(sources: list[str], cfg: Config, out_dir: Path, *, overwrite: bool = False) -> int:
-    """Build shards from `sources` into `out_dir`; returns the exit code (0 ok, 1 too many skipped)."""
+def build(sources: list[str], cfg: Config, out_dir: Path, *, overwrite: bool = False,
+          partition: tuple[int, int] | None = None) -> int:
+    """Build shards from `sources` into `out_dir`; returns the exit code (0 ok, 1 too many skipped). With
+    `partition` (index, count) only that partition's patients, into `out_dir/part-IIII-of-NNNN` with a
+    partition.json instead of the manifest (`ctld-shards merge` writes that)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / DONE_DIR).mkdir(exist_ok=True)
-    for stale in out_dir.glob(TMP_PREFIX + "*"):  # partial shards of an interrupted run
-        stale.unlink()
     salt = resolve_salt(cfg.shards.salt, out_dir)
-    builder = Builder(cfg, out_dir, salt)
+    # A partition owns its sub-folder: N pods on one shared volume never clean up, overwrite or list each other's
+    # files, and each resumes like a whole build.
+    build_dir = out_dir / partition_dir(*partition) if partition else out_dir
+    (build_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    for stale in build_dir.glob(TMP_PREFIX + "*"):  # partial shards of an interrupted run
+        stale.unlink()
+    (build_dir / PARTITION).unlink(missing_ok=True)  # there only while the partition is complete
+    builder = Builder(cfg, build_dir, salt, partition)
     archive_skips: list = []
     num_workers = max(1, cfg.shards.num_workers)
     # One pool for the header scan and the decode; forked before any plan exists, jobs travel pickled.
     pool = worker_pool(num_workers) if num_workers > 1 else None
     try:
-        records, shards = _build_in(sources, cfg, out_dir, builder, archive_skips, pool, overwrite)
+        records, shards = _build_in(sources, cfg, build_dir, builder, archive_skips, pool, overwrite)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    return _write_manifest(builder, shards, records, archive_skips, out_dir)
+    ordered = [records[s.name] for s in shards]
+    plan_info = {
+        "skipped": builder.skipped,
+        "unused": builder.unused,
+        "files_skipped": dict(sorted(builder.file_skips.items())),
+        "series_total": builder.series_total,
+        "archives_skipped": len(archive_skips),
+    }
+    if partition:
+        write_partition(build_dir, builder, ordered, plan_info)
+        return 0  # the skipped fraction is of the whole set: `ctld-shards merge` checks it
+    manifest = manifest_doc(builder.settings(), ordered, plan_info)
+    return write_manifest(out_dir, manifest, cfg.shards.max_skipped_fraction)
 
 
 def _build_in(sources, cfg: Config, out_dir: Path, builder: Builder, archive_skips: list, pool, overwrite: bool):
@@ -129,68 +157,6 @@ def _build_in(sources, cfg: Config, out_dir: Path, builder: Builder, archive_ski
     return records, shards
 
 
-def _write_manifest(builder: Builder, shards, records, archive_skips, out_dir: Path) -> int:
-    cfg = builder.cfg
-    skipped = list(builder.skipped)
-    for record in records.values():  # series that failed while their shard was built (this run or an earlier one)
-        skipped.extend(record["skipped"])
-    skipped.sort(key=lambda s: (s["reason"], s["series_id"]))
-    samples = [info for record in records.values() for info in record["sample_info"]]
-    split_summary = {
-        split: {
-            "shards": sum(1 for s in shards if s.split == split),
-            "samples": sum(records[s.name]["samples"] for s in shards if s.split == split),
-            "bytes": sum(records[s.name]["bytes"] for s in shards if s.split == split),
-            # Counts only (the model card's training data): keys are "<case_id>_<series_id>".
-            "patients": len({info["key"].split("_")[0] for s in shards if s.split == split
-                             for info in records[s.name]["sample_info"]}),
-            "thick_source": dict(Counter(info["thick_source"] for s in shards if s.split == split
-                                         for info in records[s.name]["sample_info"])),
-        }
-        for split in SPLITS
-    }
-    total = builder.series_total
-    skipped_fraction = len(skipped) / total if total else 0.0
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "factor": cfg.data.factor,
-        "thick_profile": cfg.data.thick_profile,  # of the simulated thick series
-        "shards": [{k: records[s.name][k] for k in ("name", "split", "samples", "bytes", "sha256")} for s in shards],
-        "splits": split_summary,
-        "samples": len(samples),
-        "thick_source": dict(Counter(s["thick_source"] for s in samples)),
-        "geometry": {
-            "thin_depth": _stats([s["shape_thin"][0] for s in samples]),
-            "thick_depth": _stats([s["shape_thick"][0] for s in samples]),
-            "height": _stats([s["shape_thin"][1] for s in samples]),
-            "width": _stats([s["shape_thin"][2] for s in samples]),
-            "thin_spacing_z_mm": _stats([s["thin_spacing_mm"][0] for s in samples]),
-            "pixel_spacing_y_mm": _stats([s["thin_spacing_mm"][1] for s in samples]),
-            "pixel_spacing_x_mm": _stats([s["thin_spacing_mm"][2] for s in samples]),
-        },
-        # Percentiles of each thick series' HU (ctld.data.domain.hu_percentiles), summarised over series; absent
-        # from records of shards built before they were recorded.
-        "hu": {key: _stats([s[f"hu_{key}"] for s in samples if f"hu_{key}" in s]) for key in ("p1", "p99")},
-        "series_total": total,
-        "skipped": skipped,
-        "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),
-        "skipped_fraction": round(skipped_fraction, 6),
-        "unused": builder.unused,
-        "files_skipped": dict(sorted(builder.file_skips.items())),
-        "archives_skipped": len(archive_skips),
-        "settings": {k: v for k, v in asdict(cfg.shards).items() if k not in ("salt", "out_dir", "num_workers")},
-    }
-    atomic_json(out_dir / MANIFEST, manifest)
-    if skipped_fraction > cfg.shards.max_skipped_fraction:
-        print(
-            f"ctld-shards: {len(skipped)} of {total} series skipped ({skipped_fraction:.0%}), more than "
-            f"shards.max_skipped_fraction={cfg.shards.max_skipped_fraction}; reasons: {manifest['skipped_counts']}. "
-            f"See {out_dir / MANIFEST} and the log for the files, fix the inputs or change the shards.on_* policies.",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
 
 # ----------------------------------------------------------------------------------------------- inspect / verify
 
@@ -210,6 +176,8 @@ def inspect(out_dir: Path) -> int:
         f"  series {manifest['series_total']}, skipped {len(manifest['skipped'])} "
         f"({manifest['skipped_fraction']:.1%}): {manifest['skipped_counts']}"
     )
+    if manifest.get("partitions"):
+        print(f"  merged from {manifest['partitions']['count']} partitions (part-IIII-of-NNNN folders)")
     if manifest["unused"]:
         print(f"  unused series: {dict(Counter(u['reason'] for u in manifest['unused']))}")
     if manifest["files_skipped"]:
@@ -279,8 +247,13 @@ def _parser() -> argparse.ArgumentParser:
     build_parser.add_argument("--pairs", choices=("through", "inplane"), default=None,
                               help="inplane: also make in-plane training pairs from thick series without a thin "
                                    "partner (default: shards.pairs)")
+    build_parser.add_argument("--partition", default=None,
+                              help="I/N: build only partition I (0..N-1) of N, patients split by their salted hash, "
+                                   "into OUT/part-IIII-of-NNNN; N alone takes I from $JOB_COMPLETION_INDEX (a "
+                                   "Kubernetes Indexed Job). `ctld-shards merge OUT` then writes the manifest")
     build_parser.add_argument("--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
-    for name, text in (("inspect", "print the manifest summary"), ("verify", "re-read and check every shard")):
+    for name, text in (("inspect", "print the manifest summary"), ("verify", "re-read and check every shard"),
+                       ("merge", "join the complete partitions of a partitioned build into manifest.json")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("out", help="a folder written by `ctld-shards build`")
     encode_parser = commands.add_parser(
@@ -297,6 +270,9 @@ def _parser() -> argparse.ArgumentParser:
                                help="stored latent precision (float16 halves the size)")
     encode_parser.add_argument("--seed", type=int, default=0, help="seeds the crops and symmetries per sample key")
     encode_parser.add_argument("--overwrite", action="store_true", help="replace latent shards of another encode")
+    encode_parser.add_argument("--partition", default=None,
+                               help="I/N: encode only share I (0..N-1) of N of the pixel shards (times the processes "
+                                    "of an `accelerate launch`); N alone takes I from $JOB_COMPLETION_INDEX")
     encode_parser.add_argument("--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     return parser
 
@@ -307,9 +283,10 @@ def _encode_command(args: argparse.Namespace, extra: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, extra) if args.config else build_config(parse_overrides(extra))
+        partition = parse_partition(args.partition) if args.partition else None
         encode(Path(args.shards), Path(args.vae), Path(args.out), cfg, patches_per_volume=args.patches_per_volume,
                batch_size=args.batch_size, splits=tuple(s for s in args.splits.split(",") if s), dtype=args.dtype,
-               seed=args.seed, overwrite=args.overwrite)
+               seed=args.seed, overwrite=args.overwrite, partition=partition)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"ctld-shards encode: error: {error}", file=sys.stderr)
         return 2
@@ -325,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "build":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        commands = {"inspect": inspect, "verify": verify, "merge": merge}
         try:
-            return inspect(Path(args.out)) if args.command == "inspect" else verify(Path(args.out))
+            return commands[args.command](Path(args.out))
         except (FileNotFoundError, ValueError) as error:
             print(f"ctld-shards {args.command}: error: {error}", file=sys.stderr)
             return 2
@@ -336,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = [*extra, f"--shards.pairs={args.pairs}"]
     try:
         cfg = load_config(args.config, extra) if args.config else build_config(parse_overrides(extra))
-    except ConfigError as error:
+        partition = parse_partition(args.partition) if args.partition else None
+    except (ConfigError, ValueError) as error:
         print(f"ctld-shards build: error: {error}", file=sys.stderr)
         return 2
     missing = [source for source in args.sources if not Path(source).exists()]
@@ -344,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctld-shards build: error: input {', '.join(missing)} does not exist; pass DICOM folders, ZIP files, "
               "NIfTI or cache files", file=sys.stderr)
         return 2
-    return build(args.sources, cfg, Path(args.out or cfg.shards.out_dir), overwrite=args.overwrite)
+    return build(args.sources, cfg, Path(args.out or cfg.shards.out_dir), overwrite=args.overwrite,
+                 partition=partition)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,17 @@ if TYPE_CHECKING:  # only for annotations: ctld.data.dicom imports this module
 
 def _to_hu(stored: np.ndarray, slope: float, intercept: float, where: str) -> np.ndarray:
     """HU = stored * slope + intercept, as int16; refuses values that do not fit rather than wrapping."""
-    if slope == 1.0 and float(intercept).is_integer() and abs(intercept) < 2**31:  # exact integer path
+    exact_integer = slope == 1.0 and float(intercept).is_integer() and abs(intercept) < 2**31
+    if exact_integer and stored.size and stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2:
+        # The range from the stored extremes, then one 16-bit add, which wraps to the right value whenever the
+        # result fits (checked first): no 32-bit copy of every plane in the shard builder's inner loop.
+        low, high = int(stored.min()) + int(intercept), int(stored.max()) + int(intercept)
+        if low < -32768 or high > 32767:
+            raise SeriesSkipped("hu_out_of_range", f"{where}: HU {low}..{high} do not fit int16")
+        native16 = stored.dtype.itemsize == 2 and stored.dtype.isnative  # (a big endian array must be converted)
+        planes = stored.view(np.int16) if native16 else stored.astype(np.int16)
+        return np.add(planes, np.array(int(intercept)).astype(np.int16), dtype=np.int16)
+    if exact_integer:
         hu = stored.astype(np.int64) + int(intercept)
     else:
         hu = np.rint(stored.astype(np.float64) * slope + intercept)

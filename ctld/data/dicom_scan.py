@@ -2,8 +2,12 @@
 
     scan_file(path, rel_path) -> list[SliceHeader]     one per image plane (enhanced multi-frame CT: one per frame)
 
-Only the header is read (`stop_before_pixels`), through `_RawHeader`, which reads raw element bytes instead of
-converting every value. For uncompressed 16-bit little endian files the pixel offset is recorded, so
+Only the header is read. Little endian files with a preamble (nearly all) go through `_fast_header`, a minimal
+element walker that keeps the raw bytes of the top-level elements and stops at the pixel data (a pydicom `dcmread`
+costs as much as the rest of the shard build per file); anything it does not handle (big endian, deflate, no
+preamble, enhanced multi-frame, odd VRs) goes through pydicom (`stop_before_pixels`) and `_RawHeader`, which reads
+raw element bytes instead of converting every value. Both give the same SliceHeaders (tests compare them on the
+real CT files). For uncompressed 16-bit little endian files the pixel offset is recorded, so
 `ctld.data.dicom_pixels` can read the values with numpy alone. HU = stored * RescaleSlope + RescaleIntercept; a
 present but unusable RescaleSlope/Intercept skips the file rather than guessing. SeriesInstanceUID may be empty,
 so the series key then falls back to study, frame of reference, orientation, pixel spacing, size and series
@@ -17,6 +21,7 @@ step can raise it without an import cycle.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,17 +149,20 @@ NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}
 NATIVE_SYNTAXES = {*NATIVE_LITTLE_ENDIAN, "1.2.840.10008.1.2.2"}  # uncompressed pixel data
 
 
-def _native_pixel_offset(path, ds, transfer_syntax: str, offset: int) -> int:
+def _native_pixel_offset(path, ds, transfer_syntax: str, offset: int, head: bytes = b"") -> int:
     """Byte offset of the pixel values when they can be read straight from the file (uncompressed little
-    endian, one 16-bit frame, no unused high bits to sign-extend), else -1 (decode with pydicom)."""
+    endian, one 16-bit frame, no unused high bits to sign-extend), else -1 (decode with pydicom). `head`: the
+    file's first bytes when already read."""
     explicit = NATIVE_LITTLE_ENDIAN.get(transfer_syntax)
     if explicit is None or int(_float_or(ds.get("NumberOfFrames", 1), 1) or 1) != 1 or ds.get("BitsAllocated") != 16:
         return -1
     if int(ds.get("SamplesPerPixel", 1)) != 1 or (ds.get("PixelRepresentation") == 1 and ds.get("BitsStored") != 16):
         return -1
-    with open(path, "rb") as fp:
-        fp.seek(offset)
-        element = fp.read(12)
+    element = head[offset : offset + 12]
+    if len(element) < 12:
+        with open(path, "rb") as fp:
+            fp.seek(offset)
+            element = fp.read(12)
     if len(element) < 12 or element[:4] != b"\xe0\x7f\x10\x00":
         return -1
     if explicit:
@@ -196,6 +204,9 @@ class _RawHeader:
         text = value.decode("latin-1").strip(" \x00")
         return text.split("\\") if "\\" in text else text
 
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self.ds
+
     def text(self, keyword: str) -> str:
         value = self.get(keyword, "")
         if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
@@ -203,12 +214,145 @@ class _RawHeader:
         return str(value).strip()
 
 
-def scan_file(path: str | os.PathLike, rel_path: str) -> list[SliceHeader]:
-    """Image planes of one file. Raises SeriesSkipped for files that hold no usable CT image."""
-    ds, stop_offset = read_header(path)
-    transfer_syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
-    header = _RawHeader(ds, transfer_syntax != "1.2.840.10008.1.2.2")
-    if "Rows" not in ds or "Columns" not in ds:
+class _FastHeader(_RawHeader):
+    """`_RawHeader`'s view of the top-level elements `_fast_header` found: {tag: raw value bytes}."""
+
+    def __init__(self, elements: dict[int, bytes]):
+        self.elements = elements
+
+    def __contains__(self, keyword: str) -> bool:
+        return tag_for_keyword(keyword) in self.elements
+
+    def get(self, keyword: str, default=None):
+        value = self.elements.get(tag_for_keyword(keyword))
+        if value is None:
+            return default
+        if keyword in _US_KEYWORDS:
+            return int.from_bytes(value[:2], "little") if len(value) >= 2 else default
+        text = value.decode("latin-1").strip(" \x00")
+        return text.split("\\") if "\\" in text else text
+
+
+class _Unhandled(Exception):
+    """Something `_fast_header` leaves to pydicom."""
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_SHORT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH",
+              b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+_UNDEFINED = 0xFFFFFFFF
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00009, 0x7FE00008}  # where pydicom's stop_before_pixels stops
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+# Enhanced multi-frame: values sit in sequences, which pydicom reads.
+_FUNCTIONAL_GROUPS = {0x52009229, 0x52009230}
+_U16x2 = struct.Struct("<HH")
+_U32 = struct.Struct("<I")
+
+
+def _element(data: bytes, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+    """(tag, VR or None, value length, value position) of the element at `pos`."""
+    if pos + 8 > len(data):
+        raise _Unhandled("past the end")
+    group, number = _U16x2.unpack_from(data, pos)
+    tag = group << 16 | number
+    if implicit or group == 0xFFFE:  # items and delimiters never carry a VR
+        return tag, None, _U32.unpack_from(data, pos + 4)[0], pos + 8
+    vr = data[pos + 4 : pos + 6]
+    if vr in _SHORT_VRS:
+        return tag, vr, int.from_bytes(data[pos + 6 : pos + 8], "little"), pos + 8
+    if vr in _LONG_VRS:
+        if pos + 12 > len(data):
+            raise _Unhandled("past the end")
+        return tag, vr, _U32.unpack_from(data, pos + 8)[0], pos + 12
+    raise _Unhandled(f"VR {vr!r}")  # unknown VR or an implicit element in an explicit file: pydicom guesses
+
+
+def _skip_sequence(data: bytes, pos: int, implicit: bool) -> int:
+    """Position after an undefined-length sequence whose items start at `pos`."""
+    while True:
+        tag, _, length, pos = _element(data, pos, True)
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _Unhandled(f"tag {tag:08x} in a sequence")
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # an undefined-length item: its elements up to the item delimiter
+            tag, vr, length, value = _element(data, pos, implicit)
+            if tag == _ITEM_END:
+                pos = value
+                break
+            # A UN of undefined length holds implicit VR little endian data (PS3.5 6.2.2).
+            pos = _skip_sequence(data, value, implicit or vr == b"UN") if length == _UNDEFINED else value + length
+
+
+def _walk(data: bytes, pos: int, implicit: bool, stop_group: int | None) -> tuple[dict[int, bytes], int]:
+    """Top-level elements from `pos` up to the pixel data (or the first element outside `stop_group`, the end of
+    the data): ({tag: value bytes}, the offset where reading stopped); sequences are skipped, not kept."""
+    elements: dict[int, bytes] = {}
+    while pos < len(data):
+        if stop_group is not None and int.from_bytes(data[pos : pos + 2], "little") != stop_group:
+            return elements, pos  # (before reading a VR: the next group may be encoded otherwise)
+        tag, vr, length, value = _element(data, pos, implicit)
+        if tag in _PIXEL_TAGS:
+            return elements, pos
+        if tag in _FUNCTIONAL_GROUPS:
+            raise _Unhandled("enhanced multi-frame")
+        if length == _UNDEFINED:
+            pos = _skip_sequence(data, value, implicit or vr == b"UN")
+            continue
+        if value + length > len(data):
+            raise _Unhandled("past the end")
+        if vr != b"SQ":
+            elements[tag] = data[value : value + length]
+        pos = value + length
+    return elements, pos
+
+
+def _fast_header(path) -> tuple[_FastHeader, int, str, bytes] | None:
+    """(header, offset of the pixel data element (or the file end), transfer syntax, the bytes read) of a little
+    endian DICOM file with a preamble, reading ~64 KiB; None for anything left to pydicom."""
+    with open(path, "rb") as fp:
+        data = fp.read(1 << 16)
+        whole = len(data) < 1 << 16
+        for _ in range(2):
+            try:
+                if data[128:132] != b"DICM":
+                    return None
+                meta, pos = _walk(data, 132, implicit=False, stop_group=0x0002)
+                transfer_syntax = meta.get(0x00020010, b"").decode("latin-1").strip(" \x00")
+                if transfer_syntax in ("", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"):
+                    return None  # no syntax (pydicom guesses), big endian, deflated
+                implicit = transfer_syntax == "1.2.840.10008.1.2"
+                if implicit and data[pos + 4 : pos + 6] in _SHORT_VRS | _LONG_VRS:
+                    return None  # says implicit, is explicit: pydicom detects that
+                elements, stop = _walk(data, pos, implicit, stop_group=None)
+                return _FastHeader(elements), stop, transfer_syntax, data
+            except _Unhandled:
+                if whole:
+                    return None
+                data += fp.read()  # a header longer than the first read: once more with the whole file
+                whole = True
+    return None
+
+
+def scan_file(path: str | os.PathLike, rel_path: str, *, fast: bool = True) -> list[SliceHeader]:
+    """Image planes of one file. Raises SeriesSkipped for files that hold no usable CT image. `fast=False` reads
+    every header with pydicom (what the fast reader is tested against)."""
+    try:
+        fast_read = _fast_header(path) if fast else None
+    except OSError:
+        fast_read = None  # pydicom's reader names the problem
+    if fast_read is None:
+        ds, stop_offset = read_header(path)
+        transfer_syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
+        header, head = _RawHeader(ds, transfer_syntax != "1.2.840.10008.1.2.2"), b""
+        shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    else:
+        header, stop_offset, transfer_syntax, head = fast_read
+        shared = None
+    if "Rows" not in header or "Columns" not in header:
         raise SeriesSkipped("no_pixel_data", f"SOP class {header.text('SOPClassUID') or '?'} holds no image")
     if transfer_syntax in UNSUPPORTED_SYNTAXES:
         raise SeriesSkipped(
@@ -242,7 +386,7 @@ def scan_file(path: str | os.PathLike, rel_path: str) -> list[SliceHeader]:
         transfer_syntax=transfer_syntax,
         rows=int(header.get("Rows")),
         columns=int(header.get("Columns")),
-        pixel_offset=_native_pixel_offset(path, header, transfer_syntax, stop_offset),
+        pixel_offset=_native_pixel_offset(path, header, transfer_syntax, stop_offset, head),
         pixel_dtype="<i2" if header.get("PixelRepresentation") == 1 else "<u2",
     )
 
@@ -256,7 +400,6 @@ def scan_file(path: str | os.PathLike, rel_path: str) -> list[SliceHeader]:
     if number_of_frames > 1 and number_of_frames * frame_bytes > file_bytes:
         raise SeriesSkipped("bad_frame_count", f"NumberOfFrames {number_of_frames} of {common['rows']}x"
                             f"{common['columns']} pixels cannot fit in the file's {file_bytes} bytes")
-    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = header.get("PerFrameFunctionalGroupsSequence")
     headers = []
     for frame in range(number_of_frames):

@@ -48,8 +48,27 @@ def hu_percentiles(hu: np.ndarray) -> tuple[float, float]:
     """(1st, 99th) HU percentile of a volume, over a strided subsample of at most HU_SAMPLE_VOXELS voxels."""
     flat = np.asarray(hu).reshape(-1)
     stride = max(1, flat.size // HU_SAMPLE_VOXELS)
-    low, high = np.percentile(flat[::stride], HU_PERCENTILES)
+    sample = flat[::stride]
+    if sample.size and sample.dtype.kind in "iu":
+        return _sorted_percentiles(sample)
+    low, high = np.percentile(sample, HU_PERCENTILES)
     return float(low), float(high)
+
+
+def _sorted_percentiles(values: np.ndarray) -> tuple[float, float]:
+    """np.percentile(values, HU_PERCENTILES) (method "linear") of an integer array, bit for bit, from one sort
+    (numpy's own partition for four order statistics costs several times more, in the shard builder's inner loop)."""
+    ordered = np.sort(values)
+    count = values.size
+    # numpy's _quantile: virtual index (n - 1) q, its floor and the next order statistic, then _lerp.
+    virtual = (count - 1) * np.true_divide(np.asarray(HU_PERCENTILES), 100)
+    previous = np.minimum(np.floor(virtual), count - 1).astype(np.intp)
+    below, above = ordered[previous], ordered[np.minimum(previous + 1, count - 1)]
+    gamma = virtual - previous
+    difference = above - below
+    result = np.add(below, difference * gamma)
+    np.subtract(above, difference * (1 - gamma), out=result, where=gamma >= 0.5, casting="unsafe")
+    return float(result[0]), float(result[1])
 
 
 def _stats(values: list[float]) -> dict[str, float]:

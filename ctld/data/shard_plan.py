@@ -1,7 +1,10 @@
-"""The shard plan of `ctld-shards build`: which series become samples, paired how, in which split and shard.
+"""The shard plan of `ctld-shards build`: which series become samples, paired how, in which split, partition and
+shard.
 
 Fixed before any pixel is decoded (headers only), so a rerun after an interruption rebuilds exactly the shards
-that were not finished and the result equals an uninterrupted build.
+that were not finished and the result equals an uninterrupted build. A partitioned build (`--partition I/N`) plans
+every input like a whole build, then keeps the samples of the patients whose salted hash falls in partition I, so
+a patient's series never straddle partitions and every split is the one a whole build gives.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +30,7 @@ SPLITS = ("train", "val", "test")
 PLAN = ".plan.json"
 DONE_DIR = ".done"
 TMP_PREFIX = ".tmp-"
+PARTITION = "partition.json"  # a partition's record, written when all its shards are complete
 
 
 @dataclass
@@ -44,6 +49,10 @@ class Job:
     path: str = ""
     inplane_axis: str = ""  # kind "inplane": the in-plane axis that plays the slice axis
 
+    @property
+    def case_id(self) -> str:
+        return self.key.split("_", 1)[0]  # keys are "<case_id>_<series_id>[-axis]", hex hashes
+
 
 @dataclass
 class ShardPlan:
@@ -60,6 +69,35 @@ def split_of(case_id: str, val_fraction: float, test_fraction: float) -> str:
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def partition_of(case_id: str, count: int) -> int:
+    """Partition of a patient (the salted case hash), from other bits than `split_of` uses so that partitions and
+    splits are independent."""
+    return int(hashlib.sha256(f"partition\0{case_id}".encode()).hexdigest()[:12], 16) % count
+
+
+def partition_dir(index: int, count: int) -> str:
+    """The sub-folder of `--out` a partition writes: its own shards, plan, done records and partition.json."""
+    return f"part-{index:04d}-of-{count:04d}"
+
+
+def parse_partition(spec: str, environ=os.environ) -> tuple[int, int]:
+    """`--partition I/N` (0 <= I < N) -> (I, N); `--partition N` takes I from $JOB_COMPLETION_INDEX, which a
+    Kubernetes Indexed Job sets in each pod. ValueError saying what is wrong."""
+    index_text, _, count_text = spec.rpartition("/")
+    if not index_text:
+        index_text = environ.get("JOB_COMPLETION_INDEX", "")
+        if not index_text:
+            raise ValueError(f"--partition {spec} takes the index from $JOB_COMPLETION_INDEX, which is not set; pass "
+                             f"--partition I/{spec} (I from 0 to {spec}-1)")
+    try:
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise ValueError(f"--partition {spec!r} is not I/N or N (integers, 0 <= I < N)") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--partition {index}/{count}: the index must be in 0..{count - 1}")
+    return index, count
 
 
 def _scan_chunk(chunk: list[tuple[str, str]]):
@@ -82,10 +120,12 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 class Builder:
-    def __init__(self, cfg: Config, out_dir: Path, salt: str):
+    def __init__(self, cfg: Config, out_dir: Path, salt: str, partition: tuple[int, int] | None = None):
         self.cfg = cfg
         self.out_dir = out_dir
         self.salt = salt
+        self.partition = partition  # (index, count): keep only that partition's patients
+        self.inputs_sha256 = ""  # of every planned sample, before the partition is cut: equal in all partitions
         self.policy = dicom.Policy.from_config(cfg.shards)
         self.skipped: list[dict] = []  # series-level: {"series_id", "reason", "detail", "files"}
         self.file_skips: Counter = Counter()  # file-level reasons (not DICOM, undecodable syntax, ...)
@@ -194,6 +234,12 @@ class Builder:
             seen.add(job.key)
             unique_jobs.append(job)
         jobs = unique_jobs
+        everything = [[_job_fingerprint(j) for j in jobs], self.series_total, self.skipped, self.unused,
+                      sorted(self.file_skips.items())]
+        self.inputs_sha256 = hashlib.sha256(json.dumps(everything, default=str).encode()).hexdigest()
+        if self.partition is not None:
+            index, count = self.partition
+            jobs = [j for j in jobs if partition_of(j.case_id, count) == index]
         shards: list[ShardPlan] = []
         for split in SPLITS:
             current: ShardPlan | None = None
@@ -219,28 +265,25 @@ class Builder:
                     series_id=thick.series_id, est_bytes=2 * d * h * w * 4, rel_path=thick.slices[0].rel_path,
                     thick_plan=thick, inplane_axis=axis) for axis in ("y", "x")]
 
-    def plan_fingerprint(self, shards: list[ShardPlan]) -> str:
-        """Changes when the inputs, the salt or any setting that changes shard bytes changes."""
-        doc = {
+    def settings(self) -> dict:
+        """The settings that change shard bytes (no salt): equal in every partition of one build."""
+        return {
             "format_version": FORMAT_VERSION,
-            "salt_check": dicom.anon_id("plan", self.salt, "salt-check"),
             "shards": asdict(self.cfg.shards) | {"salt": "", "num_workers": 0},
             "factor": self.cfg.data.factor,
             "thick_profile": self.cfg.data.thick_profile,
-            "plan": [
-                [s.name]
-                + [
-                    [
-                        j.key,
-                        j.kind,
-                        j.est_bytes,
-                        j.alignment and asdict(j.alignment),
-                        j.inplane_axis,
-                        [len(p.slices) for p in (j.thin_plan, j.thick_plan) if p],
-                    ]
-                    for j in s.jobs
-                ]
-                for s in shards
-            ],
+        }
+
+    def plan_fingerprint(self, shards: list[ShardPlan]) -> str:
+        """Changes when the inputs, the salt or any setting that changes shard bytes changes."""
+        doc = {
+            **self.settings(),
+            "salt_check": dicom.anon_id("plan", self.salt, "salt-check"),
+            "plan": [[s.name] + [_job_fingerprint(j) for j in s.jobs] for s in shards],
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _job_fingerprint(job: Job) -> list:
+    return [job.key, job.kind, job.est_bytes, job.alignment and asdict(job.alignment), job.inplane_axis,
+            [len(p.slices) for p in (job.thin_plan, job.thick_plan) if p]]

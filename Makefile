@@ -44,7 +44,7 @@ test: lint
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
-# The whole chain on a 2-core CPU in ~11 minutes after set-up: phantom DICOM studies -> shards -> VAE ->
+# The whole chain on a 2-core CPU in ~4 minutes after set-up: phantom DICOM studies -> shards -> VAE ->
 # diffusion (2-process DDP) -> ctld-infer -> ctld-eval, into demo_out/ (reruns reuse finished stages).
 # `make demo DATA=/path/to/dicom` runs it on your own DICOM/NIfTI folder(s); DEMO_ARGS passes more flags,
 # e.g. DEMO_ARGS="--fresh --diffusion_steps 1000" (see `.venv/bin/ctld-demo --help`).

@@ -196,13 +196,7 @@ class _RawHeader:
         if not isinstance(element, RawDataElement) or not self.little_endian or keyword.endswith("Sequence"):
             value = self.ds[tag].value
             return default if value is None else value
-        value = element.value
-        if value is None:
-            return default
-        if keyword in _US_KEYWORDS:
-            return int.from_bytes(value[:2], "little") if len(value) >= 2 else default
-        text = value.decode("latin-1").strip(" \x00")
-        return text.split("\\") if "\\" in text else text
+        return _raw_value(keyword, element.value, default)
 
     def __contains__(self, keyword: str) -> bool:
         return keyword in self.ds
@@ -212,6 +206,16 @@ class _RawHeader:
         if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
             value = "\\".join(str(v) for v in value)
         return str(value).strip()
+
+
+def _raw_value(keyword: str, value: bytes | None, default):
+    """A little endian raw element's value: US as int, text (split on backslashes when multi-valued)."""
+    if value is None:
+        return default
+    if keyword in _US_KEYWORDS:
+        return int.from_bytes(value[:2], "little") if len(value) >= 2 else default
+    text = value.decode("latin-1").strip(" \x00")
+    return text.split("\\") if "\\" in text else text
 
 
 class _FastHeader(_RawHeader):
@@ -224,13 +228,7 @@ class _FastHeader(_RawHeader):
         return tag_for_keyword(keyword) in self.elements
 
     def get(self, keyword: str, default=None):
-        value = self.elements.get(tag_for_keyword(keyword))
-        if value is None:
-            return default
-        if keyword in _US_KEYWORDS:
-            return int.from_bytes(value[:2], "little") if len(value) >= 2 else default
-        text = value.decode("latin-1").strip(" \x00")
-        return text.split("\\") if "\\" in text else text
+        return _raw_value(keyword, self.elements.get(tag_for_keyword(keyword)), default)
 
 
 class _Unhandled(Exception):

@@ -9,7 +9,7 @@ The series is the issue's reference case: 60 thick slices of 512x512 at 5 mm, fa
 (`--slices 28`: the 28 -> 140 slices of a CPU workstation case; `--reduced`: 12 slices of 128x128). Each preset
 (configs/base.yaml, configs/large.yaml when present) gets randomly initialised models (timing does not depend on
 the weights, except that an untrained zero-initialised VAE is skipped exactly as in ctld-demo's exports) and runs
-the real path: windows chosen by ctld.inferer.resolve_window (whole slices and 16 thick slices for a fully
+the real path: windows chosen by ctld.inferer.resolve_window (whole slices and up to 32 thick slices for a fully
 convolutional model, else the training patch), VAE encode, the U-Net (one pass or DDIM sampling), VAE decode,
 blending, with the `infer` section's overlaps and batch size (bf16 autocast on CUDA, fp32 on CPU). `--export`
 times a trained export instead, and `--series` a real series (thin: thick simulated with a box profile) instead of
@@ -43,7 +43,13 @@ sys.path.insert(0, str(REPO_ROOT))
 from ctld.config import load_config  # noqa: E402
 from ctld.diffusion import ResidualSpec, build_train_scheduler  # noqa: E402
 from ctld.export import Export  # noqa: E402
-from ctld.inferer import interpolate_volume, plan_windows, resolve_window  # noqa: E402
+from ctld.inferer import (  # noqa: E402
+    fit_depth_windows,
+    interpolate_volume,
+    plan_windows,
+    resolve_window,
+    stride_periods,
+)
 from ctld.metrics import WINDOWS, psnr  # noqa: E402
 from ctld.models.unet import UNet3D  # noqa: E402
 from ctld.models.vae import AutoencoderKL3D  # noqa: E402
@@ -77,6 +83,7 @@ def preset_export(preset: Path, overrides: list[str], device: torch.device) -> t
     cfg = load_config(preset, overrides)
     torch.manual_seed(0)
     vae = AutoencoderKL3D(**{**asdict(cfg.vae), "gradient_checkpointing": False}).to(device).eval()
+    vae.find_untrained_branches()  # as ctld.export.load_model does
     unet = UNet3D(latent_channels=cfg.vae.latent_channels, factor=cfg.data.factor,
                   **{**asdict(cfg.unet), "gradient_checkpointing": False}).to(device).eval()
     spec = ResidualSpec(prior="encode_cubic", factor=cfg.data.factor, residual_scale=5.0,
@@ -108,9 +115,13 @@ def bench_export(name: str, export: Export, infer: dict, *, thick: np.ndarray, d
                                             depth_context=window["depth_context"],
                                             depth_overlap=window["depth_overlap"],
                                             window_depth=window["window_depth"], tile_size=window["tile_size"])
+        # The plan interpolate_volume makes, for the window count.
+        depth_period, inplane_period = stride_periods(predictor, window["factor"])
+        context, overlap, depth_period = fit_depth_windows(depth, window["depth_context"], window["depth_overlap"],
+                                                           depth_period)
         plan = plan_windows(thick.shape, factor=window["factor"], depth_thick=depth, patch_size=tile,
-                            depth_context=min(window["depth_context"], (depth - 1) // 2), depth_overlap=0,
-                            inplane_overlap=window["inplane_overlap"])
+                            depth_context=context, depth_overlap=overlap, inplane_overlap=window["inplane_overlap"],
+                            depth_period=depth_period, inplane_period=inplane_period)
         # Warm-up: one window batch (cuDNN autotuning, allocator), not timed.
         interpolate_volume(thick[:depth, :tile, :tile], predictor, **{**window, "depth_context": 0,
                                                                       "depth_overlap": 0})
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     doc = {
         "benchmark": "bench_infer",
-        "series": {"thick_shape": list(thick.shape), "thin_slices": thick.shape[0] * 5, "factor": 5,
+        "series": {"thick_shape": list(thick.shape), "thin_slices": thick.shape[0] * 5, "factor": 5,  # as simulated
                    "source": args.series or "random HU", "thick_spacing_mm": 5.0},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",

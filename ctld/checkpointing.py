@@ -210,6 +210,23 @@ class ResumeError(ValueError):
     the file and what to do, and `ctld/train.py` ends with it in one line, exit code 2."""
 
 
+def check_resumed_architecture(run_dir: str | Path, stage: str, norm_type: str) -> None:
+    """ResumeError when the run being resumed trained its model with another `norm_type`: GroupNorm and the per-voxel
+    LayerNorm have weights of the same names and shapes, so its checkpoint would load into the other one without a
+    word. A run's config.yaml from before the option names none: those models used GroupNorm."""
+    import yaml
+
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    section = "vae" if stage == "vae" else "unet"
+    recorded = ((yaml.safe_load(saved.read_text()) or {}).get(section) or {}).get("norm_type", "group")
+    if recorded != norm_type:
+        raise ResumeError(f"{saved} trained its {section} with norm_type={recorded} and this config says "
+                          f"{norm_type}: resume (or re-export) with --{section}.norm_type={recorded}, or start a "
+                          "new run (another train.run_name)")
+
+
 def check_checkpoint(path: str | Path) -> None:
     """ResumeError naming the first damaged file of a checkpoint folder (truncated safetensors or torch.save
     archive, bad JSON), with what to do; cheap (headers and archive directories only, no tensor is read). Called

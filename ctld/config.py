@@ -198,7 +198,8 @@ class InferConfig:
     depth_overlap: int = 1  # contributing thick slices shared (blended) by neighbouring windows
     inplane_overlap: float = 0.25  # fraction of the tile shared by neighbouring tiles
     # Window depth (thick slices) and tile edge (pixels); 0 = automatic (ctld.inferer.resolve_window): a fully
-    # convolutional model gets whole slices up to 512 px and 16 thick slices, a GroupNorm model its training patch.
+    # convolutional model gets whole slices up to 512 px and windows of up to 32 thick slices, any other model its
+    # training patch.
     window_depth: int = 0
     tile_size: int = 0
     batch_size: int = 16  # windows per forward pass at the training window size (scaled down for larger windows)

@@ -282,7 +282,7 @@ def evaluate_vae(cases: list[Case], vae, *, factor: int, depth_thick: int, patch
                                     ("thick", case.thick_hu, depth_thick)):
             recon[kind] = interpolate_volume(
                 volume, predict, factor=1, depth_thick=depth, patch_size=patch_size, hu_range=hu_range,
-                **window_kwargs(cfg), device=device, progress=progress,
+                **window_kwargs(cfg), device=device, progress=progress, keep_beyond=False,  # the VAE alone
             )
             metrics[f"vae_{kind}"] = all_metrics(recon[kind], volume, rplhr=True)
         per_case.append(metrics)

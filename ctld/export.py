@@ -143,6 +143,8 @@ def load_model(directory: str | Path, name: str, device: str | torch.device = "c
         first = str(err).strip().splitlines()
         raise ValueError(f"{weights} does not match the architecture in {spec_path.name} ({len(first)} problem(s), "
                          f"first: {first[1].strip() if len(first) > 1 else first[0]}); {DAMAGED_HINT}") from err
+    if isinstance(model, AutoencoderKL3D):
+        model.find_untrained_branches()
     return model.to(device).eval()
 
 

@@ -69,8 +69,8 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
                         help="contributing thick slices shared (blended) by neighbouring windows")
     parser.add_argument("--inplane_overlap", type=float, default=None, help="fraction of a tile shared by neighbours")
     parser.add_argument("--window_depth", type=int, default=None,
-                        help="thick slices per window; 0 = automatic (16 for a fully convolutional model, else its "
-                             "training depth)")
+                        help="thick slices per window; 0 = automatic (up to 32 for a fully convolutional model, "
+                             "else its training depth)")
     parser.add_argument("--tile_size", type=int, default=None,
                         help="in-plane tile edge in pixels; 0 = automatic (whole slices up to 512 px for a fully "
                              "convolutional model, else its training patch)")

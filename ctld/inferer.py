@@ -221,6 +221,7 @@ def interpolate_volume(
     grid_shift: tuple[int, int, int] = (0, 0, 0),
     window_depth: int = 0,
     tile_size: int = 0,
+    keep_beyond: bool = True,
 ) -> np.ndarray:
     """Thin volume from a thick one by sliding `predict_fn` over windows and blending.
 
@@ -241,6 +242,8 @@ def interpolate_volume(
         grid_shift: (thick slices, rows, columns) by which the window grid is moved against the volume.
         window_depth, tile_size: window depth (thick slices) and tile edge (pixels); 0 = `resolve_window`'s choice.
         The depth context and overlap are shrunk to fit the window (`fit_depth_windows`).
+        keep_beyond: with `hu_range`, voxels whose linear interpolation lies outside it take that interpolation
+            (`keep_beyond_window`); off to measure a model alone (a VAE's reconstruction ceiling).
 
     Returns:
         (D * factor, H, W) float32 thin HU on the grid of docs/DESIGN.md (thin slice m of slab k = m // factor); with
@@ -335,7 +338,7 @@ def interpolate_volume(
     out /= depth_norm.float().to(device)[:, None, None]
     out /= plane_norm.float().to(device)[None]
     thin = out.cpu().numpy()
-    if hu_range is not None:
+    if hu_range is not None and keep_beyond:
         keep_beyond_window(thin, thick_hu, factor, hu_range)
     return thin
 
@@ -355,7 +358,11 @@ def keep_beyond_window(thin_hu: np.ndarray, thick_hu: np.ndarray, factor: int, h
 
 def stride_periods(predict_fn: PredictFn, factor: int) -> tuple[int, int]:
     """(thick slices, pixels) by which a predictor's output shifts with its input: its `tile_multiple` in-plane; in
-    depth its `depth_multiple` thin slices, i.e. the fewest whole thick slabs that span a multiple of it."""
+    depth its `depth_multiple` thin slices, i.e. the fewest whole thick slabs that span a multiple of it. (1, 1) for a
+    predictor that is not fully convolutional: its output depends on the window anyway (per-window statistics,
+    attention), and keeping the phase would cost it the depth cross-fade that hides that."""
+    if not getattr(predict_fn, "fully_convolutional", False):
+        return 1, 1
     depth_multiple = int(getattr(predict_fn, "depth_multiple", 1))
     return depth_multiple // math.gcd(depth_multiple, factor), int(getattr(predict_fn, "tile_multiple", 1))
 
@@ -368,8 +375,9 @@ def resolve_window(predict_fn: PredictFn, shape: tuple[int, ...], *, depth_thick
     window's interior does not depend on the window) gets whole slices up to AUTO_TILE_MAX pixels and the fewest
     windows of at most AUTO_WINDOW_DEPTH_MAX slices, made equal (a short series is one window: nothing is computed
     twice); any other keeps its training window (GroupNorm statistics of a larger window would differ from those
-    it was trained with). A window larger than the training one gets a proportionally smaller batch, so memory stays
-    near the configured one."""
+    it was trained with). A window larger than the training one gets a proportionally smaller batch, down to one
+    window: the demo's model on a 32 x 512 x 512 window peaks near 6 GB of CPU memory; set window_depth / tile_size
+    for a smaller budget."""
     fully_convolutional = bool(getattr(predict_fn, "fully_convolutional", False))
     multiple = int(getattr(predict_fn, "tile_multiple", 1))
     depth, height, width = shape[-3:]
@@ -384,7 +392,8 @@ def resolve_window(predict_fn: PredictFn, shape: tuple[int, ...], *, depth_thick
             shared = 2 * depth_context + depth_overlap  # slices neighbouring windows both compute
             count = 1 if span <= AUTO_WINDOW_DEPTH_MAX else 1 + math.ceil(
                 (span - AUTO_WINDOW_DEPTH_MAX) / max(1, AUTO_WINDOW_DEPTH_MAX - shared))
-            window_depth = max(depth_thick, math.ceil((span + (count - 1) * shared) / count) + (count > 1))
+            window_depth = max(depth_thick, min(AUTO_WINDOW_DEPTH_MAX,
+                                                math.ceil((span + (count - 1) * shared) / count) + (count > 1)))
     if not tile_size:
         tile_size = patch_size
         if fully_convolutional:

@@ -54,6 +54,7 @@ from ctld.checkpointing import (
     ResumeError,
     StopRequest,
     check_checkpoint,
+    check_resumed_architecture,
     exit_preempted,
     list_checkpoints,
     load_checkpoint,
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         resume_from = resolve_resume(Path(cfg.train.output_dir) / cfg.train.run_name, cfg.train.resume)
         if resume_from is not None:
             check_checkpoint(resume_from)
+            model_cfg = cfg.vae if cfg.train.stage == "vae" else cfg.unet
+            check_resumed_architecture(Path(resume_from).parent.parent, cfg.train.stage, model_cfg.norm_type)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         # One line from the first rank, not a traceback from every rank; exit 2 on all of them.
         if os.environ.get("RANK", "0") == "0":

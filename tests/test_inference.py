@@ -158,6 +158,30 @@ def test_a_shifted_window_grid_gives_the_same_thin_series_with_a_fully_convoluti
     assert soft["group"] < soft["layer"] - 10.0  # measured 55.4
 
 
+@pytest.mark.parametrize("period", [2, 3, 4])
+def test_windows_start_in_phase_with_the_model_strides_and_leave_no_gap(period):
+    """Every window starts a multiple of the stride period from the volume's first slice / pixel, whatever the grid
+    shift, and every thin slice is still written (sizes, shifts, context and overlap swept)."""
+    from ctld.inferer import _depth_span, fit_depth_windows
+
+    for depth in (1, 2, 5, 13, 29):
+        for depth_thick in (4, 7, 12):
+            for context, overlap in ((0, 0), (1, 1), (2, 1), (3, 2)):
+                for shift in ((0, 0, 0), (1, 3, 5), (7, 8, 2)):
+                    c, o, p = fit_depth_windows(depth_thick, context, overlap, period)
+                    plan = plan_windows((depth, 21, 34), factor=3, depth_thick=depth_thick, patch_size=8,
+                                        depth_context=c, depth_overlap=o, inplane_overlap=0.25, grid_shift=shift,
+                                        depth_period=p, inplane_period=period)
+                    assert all((s - plan.pad_depth_start) % p == 0 for s in plan.depth_starts)
+                    assert all((s - plan.pad_y) % period == 0 for s in plan.y_starts)
+                    assert all((s - plan.pad_x) % period == 0 for s in plan.x_starts)
+                    written = np.zeros(depth * 3, dtype=int)
+                    for start in plan.depth_starts:
+                        lo, hi, _, _ = _depth_span(start, plan, c * 3, (depth_thick - c) * 3)
+                        written[lo:hi] += 1
+                    assert written.min() >= 1, (depth, depth_thick, context, overlap, shift)
+
+
 def test_resolve_window_grows_windows_only_for_fully_convolutional_models():
     from ctld.inferer import resolve_window
 

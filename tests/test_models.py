@@ -415,3 +415,42 @@ def test_models_without_norm_type_in_their_files_load_as_group_norm(tmp_path):
     x, prior = torch.randn(1, 2, 4, 8, 8), torch.randn(1, 2, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, torch.tensor([5]), prior), unet(x, torch.tensor([5]), prior))
+
+
+@pytest.mark.parametrize("norm_type", ["layer", "group"])
+def test_inference_without_autograd_matches_the_graph_path(norm_type):
+    """Without autograd the blocks update activations in place: the same outputs as with autograd, skip
+    connections and the VAE shortcut untouched."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL3D(**{**TINY_VAE, "norm_type": norm_type}).eval()
+    unet = UNet3D(latent_channels=4, factor=2, **{**TINY_UNET, "norm_type": norm_type}).eval()
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+    x, noisy, prior = torch.randn(1, 1, 4, 16, 16), torch.randn(1, 4, 4, 8, 8), torch.randn(1, 4, 4, 8, 8)
+    graph = (vae.decode(vae.encode(x).mode()), unet(noisy, torch.tensor([7]), prior))
+    with torch.no_grad():
+        inplace = (vae.decode(vae.encode(x).mode()), unet(noisy, torch.tensor([7]), prior))
+    for a, b in zip(graph, inplace, strict=True):
+        torch.testing.assert_close(b, a.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_untrained_zero_initialised_vae_is_skipped_exactly_and_only_when_marked():
+    """`find_untrained_branches` (called by ctld.export.load_model on whole weights) lets inference skip the
+    convolutions of exactly-zero branches: bit-identical results. Unmarked (e.g. ZeRO-3, whose partitioned weights
+    are empty tensors) or in training mode, the full path runs; training clears the marks."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL3D(channels=(8, 16), latent_channels=4, zero_init_residual=True).eval()
+    x = torch.rand(2, 1, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        full = vae.encode(x)
+        full_decoded = vae.decode(full.mode())
+        vae.find_untrained_branches()
+        assert vae._untrained_encoder and vae._untrained_decoder
+        skipped = vae.encode(x)
+        torch.testing.assert_close(skipped.mean, full.mean, rtol=0, atol=0)
+        torch.testing.assert_close(skipped.logvar, full.logvar, rtol=0, atol=0)
+        torch.testing.assert_close(vae.decode(skipped.mode()), full_decoded, rtol=0, atol=0)
+    vae.train()
+    assert not vae._untrained_encoder and not vae._untrained_decoder
+    trained = AutoencoderKL3D(channels=(8, 16), latent_channels=4)
+    trained.find_untrained_branches()
+    assert not trained._untrained_encoder and not trained._untrained_decoder

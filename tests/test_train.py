@@ -535,6 +535,20 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_before_any_rank_loads_it(tm
         main([TINY, *overrides, "--vae.channels=[8,8]", f"--train.resume={good}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2 and err[-1].startswith("ctld train: error:") and "does not fit this run" in err[-1]
+    # Another norm (issue 23): GroupNorm and the per-voxel LayerNorm have the same weight names and shapes, so only the
+    # run's config.yaml tells them apart; a run from before the option (no norm_type in it) used GroupNorm.
+    with pytest.raises(SystemExit) as stopped:
+        main([TINY, *overrides, "--vae.norm_type=group", f"--train.resume={good}"])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1 and "norm_type=layer" in err, err
+    saved = tmp_path / "run" / "config.yaml"
+    doc = yaml.safe_load(saved.read_text())
+    del doc["vae"]["norm_type"]
+    saved.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SystemExit) as stopped:
+        main([TINY, *overrides, f"--train.resume={good}"])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and "--vae.norm_type=group" in err, err
 
 
 def _training_processes(launcher_pid: int) -> list[psutil.Process]:

@@ -36,7 +36,12 @@ class ChannelLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels_last = x.permute(0, 2, 3, 4, 1)  # (B, D, H, W, C)
-        y = F.layer_norm(channels_last, (x.shape[1],), self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        # Under autocast layer_norm runs in fp32 with the fp32 affine; without it (a model cast to bf16) the dtypes
+        # must match.
+        weight, bias = self.weight, self.bias
+        if not torch.is_autocast_enabled(x.device.type):
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        y = F.layer_norm(channels_last, (x.shape[1],), weight, bias, self.eps)
         return y.permute(0, 4, 1, 2, 3)  # (B, C, D, H, W), channels_last_3d strides
 
 

@@ -267,6 +267,7 @@ class AutoencoderKL3D(nn.Module):
         }
         self.norm_type = norm_type
         self.has_attention = bool(mid_attention)
+        self._untrained_encoder = self._untrained_decoder = False  # find_untrained_branches
         self.in_channels = in_channels
         self.latent_channels = latent_channels
         self.scaling_factor = float(scaling_factor)
@@ -286,6 +287,20 @@ class AutoencoderKL3D(nn.Module):
                 self.decoder.conv_out.weight.zero_()
                 self.decoder.conv_out.bias.zero_()
         self.set_gradient_checkpointing(gradient_checkpointing)
+
+    def find_untrained_branches(self) -> None:
+        """Mark an encoder or decoder whose output layer is exactly zero (an untrained zero-initialised VAE, as
+        ctld-demo exports it), so that inference skips its convolutions; `ctld.export.load_model` calls it. Only on
+        whole weights: a ZeRO-3-partitioned parameter is empty and would look untrained. Training clears the marks."""
+        with torch.no_grad():
+            self._untrained_encoder = not bool(self.encoder.conv_out.weight.any())
+            conv_out = self.decoder.conv_out
+            self._untrained_decoder = not bool(conv_out.weight.any()) and not bool(conv_out.bias.any())
+
+    def train(self, mode: bool = True):
+        if mode:  # weights are about to change
+            self._untrained_encoder = self._untrained_decoder = False
+        return super().train(mode)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.gradient_checkpointing = enabled
@@ -314,7 +329,7 @@ class AutoencoderKL3D(nn.Module):
                 f"AutoencoderKL3D.encode: H and W must be divisible by the in-plane factor {f} "
                 f"(2 ** (levels - 1)), got H={x.shape[-2]}, W={x.shape[-1]}; crop or pad the patch to a multiple of {f}"
             )
-        if not self.training and not bool(self.encoder.conv_out.weight.any()):
+        if self._untrained_encoder and not self.training:
             # An untrained zero-initialised encoder (ctld-demo exports one): its output is its bias everywhere, so the
             # full-resolution convolutions are skipped; exact, and half the cost of inference on a CPU.
             h, w = x.shape[-2] // f, x.shape[-1] // f
@@ -336,9 +351,9 @@ class AutoencoderKL3D(nn.Module):
         # Posterior samples are fp32; a model cast to bf16 (DeepSpeed bf16) needs bf16 input.
         f = self.inplane_factor
         shortcut = _channel_to_space(_match_channels(z.float(), self.out_channels * f * f), f)
-        conv_out = self.decoder.conv_out
-        if not self.training and not bool(conv_out.weight.any()) and not bool(conv_out.bias.any()):
-            return shortcut.to(conv_out.weight.dtype)  # an untrained zero-initialised decoder adds exactly 0 (encode)
+        if self._untrained_decoder and not self.training:
+            # An untrained zero-initialised decoder adds exactly 0 (see encode).
+            return shortcut.to(self.decoder.conv_out.weight.dtype)
         out = self.decoder(z.to(self.decoder.conv_in.weight.dtype))
         return out + shortcut.to(out.dtype)
 

@@ -42,15 +42,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from ctld.config import load_config  # noqa: E402
 from ctld.diffusion import ResidualSpec, build_train_scheduler  # noqa: E402
+from ctld.evaluate import check_tiling  # noqa: E402
 from ctld.export import Export  # noqa: E402
-from ctld.inferer import (  # noqa: E402
-    fit_depth_windows,
-    interpolate_volume,
-    plan_windows,
-    resolve_window,
-    stride_periods,
-)
-from ctld.metrics import WINDOWS, psnr  # noqa: E402
+from ctld.inferer import interpolate_volume, plan_inference  # noqa: E402
 from ctld.models.unet import UNet3D  # noqa: E402
 from ctld.models.vae import AutoencoderKL3D  # noqa: E402
 from ctld.predictors import CtldPredictor  # noqa: E402
@@ -110,18 +104,10 @@ def bench_export(name: str, export: Export, infer: dict, *, thick: np.ndarray, d
         mode = "regression" if steps == 0 else "diffusion"
         predictor = CtldPredictor(export, mode=mode, sampler=sampler, num_inference_steps=max(steps, 1), seed=0,
                                   device=device)
-        depth, tile, batch = resolve_window(predictor, thick.shape, depth_thick=window["depth_thick"],
-                                            patch_size=window["patch_size"], batch_size=window["batch_size"],
-                                            depth_context=window["depth_context"],
-                                            depth_overlap=window["depth_overlap"],
-                                            window_depth=window["window_depth"], tile_size=window["tile_size"])
-        # The plan interpolate_volume makes, for the window count.
-        depth_period, inplane_period = stride_periods(predictor, window["factor"])
-        context, overlap, depth_period = fit_depth_windows(depth, window["depth_context"], window["depth_overlap"],
-                                                           depth_period)
-        plan = plan_windows(thick.shape, factor=window["factor"], depth_thick=depth, patch_size=tile,
-                            depth_context=context, depth_overlap=overlap, inplane_overlap=window["inplane_overlap"],
-                            depth_period=depth_period, inplane_period=inplane_period)
+        keys = ("factor", "depth_thick", "patch_size", "depth_context", "depth_overlap", "inplane_overlap",
+                "batch_size", "window_depth", "tile_size")
+        plan, batch = plan_inference(predictor, thick.shape, **{key: window[key] for key in keys})
+        depth, tile = plan.depth_thick, plan.patch_size
         # Warm-up: one window batch (cuDNN autotuning, allocator), not timed.
         interpolate_volume(thick[:depth, :tile, :tile], predictor, **{**window, "depth_context": 0,
                                                                       "depth_overlap": 0})
@@ -145,18 +131,16 @@ def bench_export(name: str, export: Export, infer: dict, *, thick: np.ndarray, d
             "times_s": [round(t, 3) for t in times],
             "windows_per_series": plan.num_windows,
             "window": {"depth_thick": depth, "tile_size": tile, "batch_size": batch,
-                       "depth_context": window["depth_context"], "depth_overlap": window["depth_overlap"],
+                       "depth_context": plan.depth_context, "depth_overlap": plan.depth_overlap,
                        "inplane_overlap": window["inplane_overlap"],
                        "fully_convolutional": predictor.fully_convolutional},
             "peak_rss_gb": round(rss.peak / 2**30, 3),
         }
         if device.type == "cuda":
             result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        if tiling_check:
-            shift = (max(1, depth // 2), tile // 2, tile // 2)
-            shifted = interpolate_volume(thick, predictor, grid_shift=shift, **window)
-            result["tiling_check"] = {"grid_shift": list(shift), **{
-                f"psnr_{key}": round(psnr(shifted, thin, bounds), 2) for key, bounds in WINDOWS.items()}}
+        if tiling_check:  # at the input's own pixel spacing (no in-plane resampling)
+            result["tiling_check"] = check_tiling(thick, predictor, thin, {
+                **window, "pixel_spacing_mm": (1.0, 1.0), "model_pixel_spacing_mm": None})
         print(json.dumps(result), file=sys.stderr)
         results.append(result)
     return results

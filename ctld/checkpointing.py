@@ -271,8 +271,7 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path, *, ema: EMAModel
     Returns:
         The trainer state dict saved with the checkpoint (holds "step").
     """
-    path = Path(path)
-    check_checkpoint(path)
+    path = Path(path)  # its files were checked before any rank started (`check_checkpoint`, ctld/train.py main)
     try:
         accelerator.load_state(str(path))
     except (RuntimeError, ValueError, KeyError) as error:  # e.g. tensors of another shape: another config's run

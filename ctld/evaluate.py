@@ -48,7 +48,7 @@ from ctld.data.volume import Volume
 from ctld.export import read_export_meta
 from ctld.infer_settings import describe, resolve_settings
 from ctld.inference import adapted_export, add_infer_flags, check_adapt_settings, pick_device, window_kwargs
-from ctld.inferer import interpolate_at_spacing, interpolate_volume, resolve_window
+from ctld.inferer import interpolate_at_spacing, interpolate_volume, plan_inference
 from ctld.metrics import PROTOCOL, WINDOWS, all_metrics, psnr
 from ctld.model_card import add_evaluation
 from ctld.panels import save_panels
@@ -223,7 +223,7 @@ def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, dept
                        device=device, progress=progress)
             predictions[name] = interpolate_at_spacing(case.thick_hu, predict, **run)
             if tiling_check and len(tiling) == len(per_case):  # the first model of each case
-                tiling.append(_tiling_check(case, name, predict, predictions[name], run, cfg))
+                tiling.append(check_tiling(case.thick_hu, predict, predictions[name], run, name))
         metrics = {method: all_metrics(pred[lo:hi], target, rplhr=True) for method, pred in predictions.items()}
         per_case.append(metrics)
         shown = next(iter(models))
@@ -252,21 +252,19 @@ def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, dept
     return doc
 
 
-def _tiling_check(case: Case, name: str, predict, thin_hu: np.ndarray, run: dict, cfg) -> dict:
-    """`predict` on `case` again with its window grid moved by half a window in depth and in-plane: PSNR between
-    the two thin series in each metric window. A model whose output depends on where the tiles fall (per-tile
-    statistics, edges) shows it here; interpolation gives 100 (identical)."""
-    window_depth, tile, _ = resolve_window(predict, case.thick_hu.shape, depth_thick=run["depth_thick"],
-                                           patch_size=run["patch_size"], batch_size=cfg.batch_size,
-                                           depth_context=cfg.depth_context, depth_overlap=cfg.depth_overlap,
-                                           window_depth=cfg.window_depth,
-                                           tile_size=cfg.tile_size)
-    shift = (max(1, window_depth // 2), tile // 2, tile // 2)
-    shifted = interpolate_at_spacing(case.thick_hu, predict, grid_shift=shift, **run)
-    lo, hi = case.valid
-    return {"model": name, "grid_shift": list(shift), "window": [window_depth, tile, tile],
-            **{f"psnr_{window}": psnr(shifted[lo:hi], thin_hu[lo:hi], bounds) for window, bounds in WINDOWS.items()},
-            "max_abs_difference_hu": float(np.abs(shifted[lo:hi] - thin_hu[lo:hi]).max())}
+def check_tiling(thick_hu: np.ndarray, predict, thin_hu: np.ndarray, run: dict, name: str = "") -> dict:
+    """`predict` on `thick_hu` again (`run`: the `interpolate_at_spacing` keywords that gave `thin_hu`) with its
+    window grid moved by half a window in depth and in-plane: PSNR between the two thin series in each metric window.
+    A model whose output depends on where the tiles fall (per-tile statistics, edges) shows it here; interpolation
+    gives 100 (identical)."""
+    keys = ("factor", "depth_thick", "patch_size", "depth_context", "depth_overlap", "inplane_overlap", "batch_size",
+            "window_depth", "tile_size")
+    plan, _ = plan_inference(predict, thick_hu.shape, **{key: run[key] for key in keys})
+    shifted = interpolate_at_spacing(thick_hu, predict, grid_shift=plan.half_window_shift, **run)
+    return {"model": name, "grid_shift": list(plan.half_window_shift),
+            "window": [plan.depth_thick, plan.patch_size, plan.patch_size],
+            **{f"psnr_{window}": psnr(shifted, thin_hu, bounds) for window, bounds in WINDOWS.items()},
+            "max_abs_difference_hu": float(np.abs(shifted - thin_hu).max())}
 
 
 def evaluate_vae(cases: list[Case], vae, *, factor: int, depth_thick: int, patch_size: int, hu_range, cfg, device,

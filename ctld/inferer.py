@@ -94,6 +94,7 @@ class WindowPlan:
     factor: int
     depth_thick: int
     depth_context: int
+    depth_overlap: int
     patch_size: int
     pad_depth_start: int  # replicated slices before the volume: `depth_context` plus the grid's depth shift
     pad_depth_end: int  # replicated slices after the volume: `depth_context`, plus fill for short volumes and phase
@@ -107,6 +108,11 @@ class WindowPlan:
     @property
     def num_windows(self) -> int:
         return len(self.depth_starts) * len(self.y_starts) * len(self.x_starts)
+
+    @property
+    def half_window_shift(self) -> tuple[int, int, int]:
+        """The `grid_shift` of the tiling check: half a window in depth and in-plane."""
+        return max(1, self.depth_thick // 2), self.patch_size // 2, self.patch_size // 2
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -181,6 +187,7 @@ def plan_windows(
         factor=factor,
         depth_thick=depth_thick,
         depth_context=depth_context,
+        depth_overlap=depth_overlap,
         patch_size=patch_size,
         pad_depth_start=pad_depth_start,
         pad_depth_end=padded_depth - depth - pad_depth_start,
@@ -254,24 +261,12 @@ def interpolate_volume(
         raise ValueError(f"interpolate_volume needs a (D, H, W) thick volume, got shape {thick_hu.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    depth_thick, patch_size, batch_size = resolve_window(
-        predict_fn, thick_hu.shape, depth_thick=depth_thick, patch_size=patch_size, batch_size=batch_size,
-        depth_context=depth_context, depth_overlap=depth_overlap, window_depth=window_depth, tile_size=tile_size)
-    depth_period, inplane_period = stride_periods(predict_fn, factor)
-    depth_context, depth_overlap, depth_period = fit_depth_windows(depth_thick, depth_context, depth_overlap,
-                                                                   depth_period)
-    plan = plan_windows(
-        thick_hu.shape,
-        factor=factor,
-        depth_thick=depth_thick,
-        patch_size=patch_size,
-        depth_context=depth_context,
-        depth_overlap=depth_overlap,
-        inplane_overlap=inplane_overlap,
-        grid_shift=grid_shift,
-        depth_period=depth_period,
-        inplane_period=inplane_period,
-    )
+    plan, batch_size = plan_inference(
+        predict_fn, thick_hu.shape, factor=factor, depth_thick=depth_thick, patch_size=patch_size,
+        depth_context=depth_context, depth_overlap=depth_overlap, inplane_overlap=inplane_overlap,
+        batch_size=batch_size, window_depth=window_depth, tile_size=tile_size, grid_shift=grid_shift)
+    depth_thick, patch_size = plan.depth_thick, plan.patch_size
+    depth_context, depth_overlap = plan.depth_context, plan.depth_overlap
     padded = _pad(thick_hu, plan)
     prior_fn = getattr(predict_fn, "prior_fn", None)
     prior_volume = None
@@ -341,6 +336,25 @@ def interpolate_volume(
     if hu_range is not None and keep_beyond:
         keep_beyond_window(thin, thick_hu, factor, hu_range)
     return thin
+
+
+def plan_inference(predict_fn: PredictFn, shape: tuple[int, int, int], *, factor: int, depth_thick: int,
+                   patch_size: int, depth_context: int, depth_overlap: int, inplane_overlap: float, batch_size: int,
+                   window_depth: int = 0, tile_size: int = 0, grid_shift: tuple[int, int, int] = (0, 0, 0)
+                   ) -> tuple[WindowPlan, int]:
+    """The windows `interpolate_volume` runs `predict_fn` on for a thick volume of `shape`, and its batch size: the
+    window size (`resolve_window`), the stride phase (`stride_periods`) and the context and overlap that fit
+    (`fit_depth_windows`)."""
+    depth_thick, patch_size, batch_size = resolve_window(
+        predict_fn, shape, depth_thick=depth_thick, patch_size=patch_size, batch_size=batch_size,
+        depth_context=depth_context, depth_overlap=depth_overlap, window_depth=window_depth, tile_size=tile_size)
+    depth_period, inplane_period = stride_periods(predict_fn, factor)
+    depth_context, depth_overlap, depth_period = fit_depth_windows(depth_thick, depth_context, depth_overlap,
+                                                                   depth_period)
+    plan = plan_windows(shape, factor=factor, depth_thick=depth_thick, patch_size=patch_size,
+                        depth_context=depth_context, depth_overlap=depth_overlap, inplane_overlap=inplane_overlap,
+                        grid_shift=grid_shift, depth_period=depth_period, inplane_period=inplane_period)
+    return plan, batch_size
 
 
 def keep_beyond_window(thin_hu: np.ndarray, thick_hu: np.ndarray, factor: int, hu_range: tuple[float, float]) -> None:

@@ -88,6 +88,18 @@ def test_bad_invocations_fail_clearly(tmp_path, thin_nifti, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_tiling_check_reports_the_shifted_grid(tmp_path, thin_nifti):
+    """--tiling_check reruns the first model with its window grid moved by half a window: windowed cubic interpolation
+    is exact whatever the grid, so both windows report the PSNR cap; metrics.json and report.md carry the check."""
+    doc = _run([str(thin_nifti), "--method", "cubic", "--tiling_check", *NO_WINDOW_FLAGS], tmp_path)
+    check = doc["cases"][0]["tiling_check"]
+    assert check["model"] == "windowed_cubic" and check["grid_shift"] == [4, 8, 8] and check["window"] == [8, 16, 16]
+    assert check["psnr_wide"] == PSNR_CAP_DB and check["psnr_soft_tissue"] == PSNR_CAP_DB
+    assert check["max_abs_difference_hu"] < 0.01
+    assert doc["tiling_check_mean"] == {"psnr_wide": PSNR_CAP_DB, "psnr_soft_tissue": PSNR_CAP_DB}
+    assert "Tiling check (windowed_cubic" in (tmp_path / "report.md").read_text()
+
+
 def test_ctld_and_vae_ceiling_on_real_chest_ct(tmp_path, chest_ct_crop, infer_tiny_export):
     """A tiny random model on the real chest CT: both ctld modes, the three interpolations and the export's slab
     filter are scored in both protocols, panels are written; --vae reports the encode->decode ceiling on thin and

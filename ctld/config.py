@@ -205,7 +205,9 @@ class InferConfig:
     batch_size: int = 16  # windows per forward pass at the training window size (scaled down for larger windows)
     num_samples: int = 1  # average this many diffusion samples per window
     seed: int = 0
-    spacing_tolerance: float = 0.25  # refuse thick spacing off factor x thin spacing by more than this; <0 = never
+    # Refuse a thick spacing more than this ratio outside factor x the trained thin spacings (ctld.data.domain); <0 =
+    # never. 50%: a 2.5-3 mm series into a 5 mm model is refused, 8 mm into one trained on 1.0-1.25 mm thin is warned.
+    spacing_tolerance: float = 0.5
     adapt_steps: int = 0  # >0: fine-tune a copy of the U-Net this many steps on the input's in-plane pairs (ctld.adapt)
     adapt_lr: float = 2e-4  # AdamW learning rate of the adaptation (ctld.adapt.DEFAULT_LR)
     adapt_seed: int = 0  # seeds the adaptation's patch draws and noise: same seed -> same adapted weights

@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="output format (default: that of the input); both = OUT/dicom/ and OUT/thin.nii.gz")
     parser.add_argument("--series_id", default="", help="which series of a multi-series input (id from the error)")
     parser.add_argument("--spacing_tolerance", type=float, default=None,
-                        help="refuse series whose spacing is off factor x thin spacing by more than this fraction; "
-                             "-1 = never refuse")
+                        help="refuse series whose spacing lies more than this ratio outside factor x the trained thin "
+                             "spacings (default 0.5); -1 = never refuse")
     parser.add_argument("--allow_out_of_distribution", action="store_true",
                         help="run on an input the export was not trained for (spacing, pixel size, HU) with a "
                              "warning instead of refusing it")

@@ -50,6 +50,7 @@ def training_card(*, meta: dict[str, Any], run: dict[str, Any], data: dict[str, 
             "thick_spacing_mm": factor * float(thin_mm) if thin_mm else None,
             "hu_window": [meta["hu_min"], meta["hu_max"]], "inplane_spacing_mm": meta.get("inplane_spacing_mm"),
             "window": {"depth_thick": meta["depth_thick"], "patch_size": meta["patch_size"]},
+            "slice_spacing_policy": meta.get("slice_spacing_policy"),
         },
         "intended_use": INTENDED_USE,
         "not_for": NOT_FOR,
@@ -173,9 +174,10 @@ def render(card: dict[str, Any]) -> str:
         f"# ctld model card: {model.get('name')} ({model.get('stage')} stage)",
         "",
         f"Turns an axial CT series of {thick_mm} slices into {thin_mm} slices (factor {model['factor']}): a 3D "
-        "latent diffusion model (ctld) anchored on an interpolated prior. Intensities are clipped to "
-        f"{model['hu_window'][0]:g}..{model['hu_window'][1]:g} HU. The same facts, and the full training config, "
-        "are in model_card.json.",
+        "latent diffusion model (ctld) anchored on an interpolated prior. The model sees "
+        f"{model['hu_window'][0]:g}..{model['hu_window'][1]:g} HU; where the input lies outside, the thin series "
+        "carries its linear interpolation. The same facts, and the full training config, are in model_card.json.",
+        *([f"Slice spacing: {model['slice_spacing_policy']}."] if model.get("slice_spacing_policy") else []),
         "",
         "## Intended use",
         "",

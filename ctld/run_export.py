@@ -14,7 +14,7 @@ from accelerate.logging import get_logger
 
 from ctld.calibration import estimate_scaling_factor
 from ctld.config import Config, config_to_dict
-from ctld.data.domain import data_summary, training_domain
+from ctld.data.domain import SLICE_SPACING_POLICY, data_summary, training_domain
 from ctld.data.shards import manifest_training_grid, read_manifest, shard_urls
 from ctld.data.train_stream import TrainStream
 from ctld.export import EXPORT_VERSION, save_export, vae_hash
@@ -57,6 +57,7 @@ def export_run(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, f
     meta.update(_training_grid(cfg))
     manifest = _training_manifest(cfg)
     meta["domain"] = _training_domain(cfg, manifest)
+    meta["slice_spacing_policy"] = SLICE_SPACING_POLICY
     card = training_card(
         meta={**meta, "format_version": EXPORT_VERSION}, run=_card_run(run_dir, step),
         data=data_summary(manifest) if manifest is not None else None, validation=validation,

@@ -521,13 +521,31 @@ def test_input_differences_name_what_differs(spacing, hu, expected):
         assert text in difference.text
 
 
+def test_mixed_thin_spacings_accept_every_trained_spacing_and_refuse_another_factor():
+    """The slice spacing policy: a model trained on thin series of 1.0-1.25 mm takes thick series of 5-6.25 mm
+    silently, 8 mm (a 1.6 mm archive's) with a warning at the default 50% tolerance, and refuses 3 mm (another
+    factor: 0.6 mm thin slices) and an already thin series."""
+    from ctld.config import InferConfig
+    from ctld.data.domain import input_differences
+
+    meta = {**DOMAIN_META, "thin_spacing_mm": 1.25,
+            "domain": {"thin_spacing_mm": {"min": 1.0, "median": 1.25, "max": 1.25}}}
+    tolerance = InferConfig().spacing_tolerance
+    for dz, expected in ((5.0, []), (6.25, []), (5.6, []), (8.0, [False]), (3.0, [True]), (1.25, [True])):
+        found = input_differences(_chest_like(), (dz, 0.7, 0.7), meta, spacing_tolerance=tolerance)
+        assert [d.refuse for d in found] == expected, (dz, [d.text for d in found])
+    assert "trained on thick slices of 5-6.25 mm" in input_differences(
+        _chest_like(), (3.0, 0.7, 0.7), meta, spacing_tolerance=tolerance)[0].text
+
+
 def test_an_unknown_domain_checks_only_the_slice_spacing():
     from ctld.data.domain import input_differences
 
     meta = {k: v for k, v in DOMAIN_META.items() if k != "domain"}  # e.g. trained on explicit shard URLs
     assert input_differences(_chest_like() + 1024, (5.0, 3.0, 3.0), meta, spacing_tolerance=0.25) == []
     assert [d.refuse for d in input_differences(_chest_like(), (2.0, 1, 1), meta, spacing_tolerance=0.25)] == [True]
-    assert [d.refuse for d in input_differences(_chest_like(), (2.0, 1, 1), meta, spacing_tolerance=-1)] == []
+    warned = input_differences(_chest_like(), (2.0, 1, 1), meta, spacing_tolerance=-1)
+    assert [d.refuse for d in warned] == [False]
 
 
 def test_refusals_go_on_with_the_flag_as_warnings(caplog):

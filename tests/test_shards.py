@@ -547,3 +547,21 @@ def test_shard_sink_writes_the_bytes_of_webdatasets_tar_writer(tmp_path):
     assert (tmp_path / "train-000000.tar").read_bytes() == reference.getvalue()
     assert record["sha256"] == hashlib.sha256(reference.getvalue()).hexdigest()
     assert record["bytes"] == len(reference.getvalue()) and record["samples"] == 3
+
+
+def test_an_empty_test_split_gets_one_patient_of_a_small_cohort():
+    from ctld.data.shard_plan import Job, fill_empty_test_split, split_of
+
+    def jobs_of(cases):  # two series per patient: both must move together
+        return [Job(key=f"{case}_{series}", split=split_of(case, 0.0, 0.2), kind="nifti", series_id=series,
+                    est_bytes=1, rel_path="x") for case in cases for series in ("s1", "s2")]
+
+    # Hex ids whose hash positions all lie above 0.2: the hash alone leaves the test split empty.
+    cases = [c for c in (f"{i:08x}" for i in range(200)) if split_of(c, 0.0, 0.2) == "train"][:4]
+    jobs = fill_empty_test_split(jobs_of(cases), 0.2)
+    held = {j.case_id for j in jobs if j.split == "test"}
+    assert len(held) == 1 and sum(j.split == "test" for j in jobs) == 2  # one patient, both of its series
+    assert fill_empty_test_split(jobs_of(cases), 0.2) == jobs  # deterministic
+    assert {j.case_id for j in fill_empty_test_split(jobs_of(cases[::-1]), 0.2) if j.split == "test"} == held
+    assert all(j.split == "train" for j in fill_empty_test_split(jobs_of(cases), 0.0))  # no test split asked for
+    assert all(j.split == "train" for j in fill_empty_test_split(jobs_of(cases[:2]), 0.2))  # 2 patients: keep both

@@ -7,10 +7,10 @@
 Everything here is counts, ranges and percentiles over the shard manifest; never a sample key or an id.
 
 Warn or refuse (docs/usage.md): a refusal is a difference the model is not built for, where its output would be
-wrong rather than worse: a slice spacing that is not about factor x the trained thin spacing (the model would
-invent the wrong number of slices per slab), a pixel size more than 2x outside the trained range (anatomy at
-another scale), or HU percentiles more than 300 HU outside the trained range (not CT HU: an unapplied rescale, or
-another modality). Smaller differences are warnings; `allow` turns refusals into warnings too.
+wrong rather than worse: a slice spacing more than `spacing_tolerance` (default 50%) outside factor x the trained
+thin spacings (the model would invent the wrong number of slices per slab), a pixel size more than 2x outside the
+trained range (anatomy at another scale), or HU percentiles more than 300 HU outside the trained range (not CT HU:
+an unapplied rescale, or another modality). Smaller differences are warnings; `allow` turns refusals into warnings too.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ HU_WARN_HU = 50.0  # percentile outside the trained range by more: warning
 HU_REFUSE_HU = 300.0  # by more: refusal
 PIXEL_REFUSE_RATIO = 2.0  # pixel spacing outside the trained range by more than this factor: refusal
 SPACING_WARN_RTOL = 0.05  # slice spacing outside factor x the trained thin-spacing range by more: warning
+# Recorded in every export (ctld.json `slice_spacing_policy`, the model card): how a model trained on series of
+# mixed thin spacings treats spacing. Thin series are never resampled along z (that would blur the targets); the
+# model learns factor thin slices per thick slice at every trained spacing, and a thick input fits within
+# infer.spacing_tolerance of factor x the trained thin spacings.
+SLICE_SPACING_POLICY = "slices: trained across the thin spacings in domain.thin_spacing_mm, none resampled along z"
 
 
 @dataclass(frozen=True)
@@ -146,20 +151,24 @@ def input_differences(hu: np.ndarray, spacing_mm, meta: dict[str, Any], *,
     domain = meta.get("domain", {})
     dz, dy, dx = (float(v) for v in spacing_mm)
     if "thin_spacing_mm" in meta:
+        # Mixed thin spacings (docs/DESIGN.md, "Slice spacing policy"): the model works in slices, factor thin slices
+        # per thick slice, whatever their spacing in mm; a thick input fits when its spacing lies within factor x the
+        # thin spacings it was trained on (the median alone for exports without a recorded range).
         thin_mm = float(meta["thin_spacing_mm"])
-        expected = factor * thin_mm
-        off = abs(dz / expected - 1.0)
-        seen = domain.get("thin_spacing_mm")
-        if spacing_tolerance >= 0 and off > spacing_tolerance:
+        seen = domain.get("thin_spacing_mm") or {"min": thin_mm, "max": thin_mm}
+        low, high = factor * float(seen["min"]), factor * float(seen["max"])
+        ratio = max(low / dz, dz / high)  # 1 inside the trained range
+        trained = f"{low:.3g}-{high:.3g} mm" if high > low else f"{low:.3g} mm"
+        if spacing_tolerance >= 0 and ratio > 1.0 + spacing_tolerance:
             found.append(Difference("slice_spacing", (
-                f"slice spacing {dz:.3f} mm does not fit this model: it turns {expected:.3g} mm slices into "
-                f"{thin_mm:.3g} mm (factor {factor}), and {dz:.3f} mm is {dz / thin_mm:.2f} thin slices "
-                f"(tolerance {spacing_tolerance:.0%}; --spacing_tolerance=-1 never refuses)"), True))
-        elif seen and _outside(dz, factor * seen["min"], factor * seen["max"]) > SPACING_WARN_RTOL * expected:
+                f"slice spacing {dz:.3f} mm does not fit this model: it was trained on thick slices of {trained} "
+                f"(factor {factor} x thin {seen['min']:.3g}-{seen['max']:.3g} mm), and {dz:.3f} mm is "
+                f"{dz / thin_mm:.2f} thin slices of {thin_mm:.3g} mm ({ratio:.2f}x outside; tolerance "
+                f"{spacing_tolerance:.0%}; --spacing_tolerance=-1 never refuses)"), True))
+        elif ratio > 1.0 + SPACING_WARN_RTOL:
             found.append(Difference("slice_spacing", (
-                f"slice spacing {dz:.3f} mm is outside the trained {factor * seen['min']:.3g}-"
-                f"{factor * seen['max']:.3g} mm (factor {factor} x thin {seen['min']:.3g}-{seen['max']:.3g} mm)"),
-                False))
+                f"slice spacing {dz:.3f} mm is outside the trained {trained} (factor {factor} x thin "
+                f"{seen['min']:.3g}-{seen['max']:.3g} mm; {ratio:.2f}x)"), False))
     pixel = domain.get("pixel_spacing_mm")
     if pixel and not meta.get("inplane_spacing_mm"):  # resampled models see their own pixel size whatever comes in
         for axis, value in (("row", dy), ("column", dx)):

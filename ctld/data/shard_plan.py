@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ctld.config import Config
@@ -61,14 +61,31 @@ class ShardPlan:
     jobs: list[Job] = field(default_factory=list)
 
 
+def _split_position(case_id: str) -> float:
+    """A patient's place in [0, 1) for the split: from its (already salted) hash."""
+    return int(hashlib.sha256(case_id.encode()).hexdigest()[:12], 16) / float(1 << 48)
+
+
 def split_of(case_id: str, val_fraction: float, test_fraction: float) -> str:
     """Split decided by the (already salted) patient hash, so all series of a patient share it."""
-    u = int(hashlib.sha256(case_id.encode()).hexdigest()[:12], 16) / float(1 << 48)
+    u = _split_position(case_id)
     if u < test_fraction:
         return "test"
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def fill_empty_test_split(jobs: list[Job], test_fraction: float) -> list[Job]:
+    """Hold out one patient when test_fraction > 0 but the hashes left the test split empty (4 patients and
+    test_fraction 0.2 do so 41% of the time): the training patient of the smallest hash position, while at least
+    two training patients remain. Decided on every input of the build before partitioning, so each partition agrees.
+    An empty validation split only turns validation off."""
+    training = sorted({j.case_id for j in jobs if j.split == "train"}, key=_split_position)
+    if test_fraction <= 0 or any(j.split == "test" for j in jobs) or len(training) < 3:
+        return jobs
+    logger.info(f"the test split was empty ({len(training)} training patients); it holds one patient")
+    return [replace(j, split="test") if j.case_id == training[0] else j for j in jobs]
 
 
 def partition_of(case_id: str, count: int) -> int:
@@ -233,7 +250,7 @@ class Builder:
                 continue
             seen.add(job.key)
             unique_jobs.append(job)
-        jobs = unique_jobs
+        jobs = fill_empty_test_split(unique_jobs, cfg.shards.test_fraction)
         everything = [[_job_fingerprint(j) for j in jobs], self.series_total, self.skipped, self.unused,
                       sorted(self.file_skips.items())]
         self.inputs_sha256 = hashlib.sha256(json.dumps(everything, default=str).encode()).hexdigest()

@@ -1,7 +1,7 @@
 """`ctld-demo` (`make demo`): the whole ctld chain on a fresh machine, without hospital data or a GPU.
 
     make demo                          # phantoms -> shards -> VAE -> diffusion -> ctld-infer -> ctld-eval
-    make demo DATA=/path/to/dicom      # the same chain on your own DICOM/NIfTI folder(s)
+    make demo DATA=/path/to/dicom      # the same chain on your own DICOM/NIfTI folder(s), configs/real.yaml
     ctld-demo --out demo_out --fresh   # start over instead of reusing finished stages
     ctld-demo --vae_steps 20 --diffusion_steps 20 --data.patch_size=32   # any --section.key=value override
 
@@ -44,6 +44,7 @@ from ctld.export import EXPORT_VERSION
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DATA_CONFIG = REPO_ROOT / "configs" / "real.yaml"  # --data: the real-CT recipe
 PHANTOM_VERSION = 1  # bump when ctld.demo.phantom changes what a seed produces, so reruns regenerate
 PHANTOM_SALT = "ctld-demo-phantoms"  # public: phantoms identify no one
 CARD_EVALUATION_PHANTOM = "ctld-demo: held-out phantom study"  # the name of the report's entry in the model card
@@ -64,7 +65,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="your DICOM folders/ZIPs or NIfTI files instead of phantoms (held out: the test split)",
     )
     parser.add_argument("--out", default="demo_out", help="output folder (reruns reuse finished stages)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/demo.yaml)")
+    parser.add_argument("--config", default=None,
+                        help="YAML config (default: configs/demo.yaml; with --data configs/real.yaml)")
     parser.add_argument("--fresh", action="store_true", help="remove earlier demo outputs in --out and start over")
     parser.add_argument("--n_studies", type=int, default=12, help="phantom training studies (one more is held out)")
     parser.add_argument("--num_slices", type=int, default=100, help="thin 1 mm slices per phantom study")
@@ -74,7 +76,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--vae_steps", type=int, default=0,
                         help="VAE optimizer steps; 0 exports the demo VAE as initialised, which is its lossless "
                              "space-to-channel shortcut (configs/demo.yaml)")
-    parser.add_argument("--diffusion_steps", type=int, default=1000, help="diffusion optimizer steps")
+    parser.add_argument("--diffusion_steps", type=int, default=None,
+                        help="diffusion optimizer steps (default: the config's train.max_steps)")
     parser.add_argument("--num_processes", type=int, default=2, help="training processes on CPU (DDP over gloo)")
     parser.add_argument("--skip_coronal", action="store_true", help="do not draw OUT/coronal.png")
 
@@ -99,8 +102,11 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
             f"unrecognized arguments {bad}: demo flags are listed by --help; config overrides "
             f"look like --section.key=value"
         )
+    if args.config is None:
+        args.config = str(DATA_CONFIG if args.data else DEFAULT_CONFIG)
     cfg: Config = load_config(args.config, overrides)
-    vae_steps, diffusion_steps = args.vae_steps, args.diffusion_steps
+    vae_steps = args.vae_steps
+    diffusion_steps = args.diffusion_steps if args.diffusion_steps is not None else cfg.train.max_steps
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         for name in (

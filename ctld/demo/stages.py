@@ -28,7 +28,8 @@ class Stages:
     reused. A stage started with the same fingerprint but never finished keeps its outputs (training resumes
     from them); with another fingerprint they are removed first."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, label: str = "ctld-demo"):
+        self.label = label  # the prefix of every progress line
         self.dir = out / ".stages"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.times: dict[str, dict] = {}
@@ -40,7 +41,7 @@ class Stages:
             if record.get("fingerprint") == fingerprint:
                 self.times[name] = {"seconds": record["seconds"], "reused": True}
                 print(
-                    f"[ctld-demo] {name}: reusing the finished stage ({format_seconds(record['seconds'])} "
+                    f"[{self.label}] {name}: reusing the finished stage ({format_seconds(record['seconds'])} "
                     f"when it ran); --fresh reruns it",
                     flush=True,
                 )
@@ -54,7 +55,7 @@ class Stages:
                     path.unlink()
         done.unlink(missing_ok=True)
         started.write_text(fingerprint)
-        print(f"[ctld-demo] {name}: running", flush=True)
+        print(f"[{self.label}] {name}: running", flush=True)
         start = time.perf_counter()
         fn()
         seconds = time.perf_counter() - start
@@ -63,7 +64,7 @@ class Stages:
         tmp.replace(done)
         started.unlink(missing_ok=True)
         self.times[name] = {"seconds": seconds, "reused": False}
-        print(f"[ctld-demo] {name}: done in {format_seconds(seconds)}", flush=True)
+        print(f"[{self.label}] {name}: done in {format_seconds(seconds)}", flush=True)
 
 
 def launch_command(num_processes: int) -> tuple[list[str], dict[str, str]]:

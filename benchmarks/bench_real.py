@@ -9,11 +9,14 @@ Protocol:
 - patients: one thin series each (DICOM folder/ZIP or NIfTI). By default the five real patients found beside the
   repository: the four thin series of ../shared/data/real_thin_ct (chest, head, lumbar spine, abdomen) and the
   TotalSegmentator contrast chest CT of ../shared/data/ct (skipped with a reason when those folders are absent).
-- shards: `ctld-shards build` once per patient (thick simulated with data.thick_profile), reused by every fold.
+- shards: `ctld-shards build` once per patient (thick simulated with data.thick_profile), reused by every fold;
+  and ctld-demo's procedural phantom studies (`--phantoms`, 12 by default, synthetic: part of the recipe, trained
+  on through data.extra_train_urls in every fold, never scored and never in the slab filter's fit).
 - a fold: `accelerate launch ctld/train.py` (VAE stage, then the diffusion stage; 2 CPU processes or one per GPU)
-  on the other patients' shards only, then `ctld-eval` on the held-out patient's own thin series (thick simulated
-  from it with the export's slice profile; the thin slices are used only for scoring). No validation split: the
-  held-out patient is never read before scoring, and the recipe's settings were chosen on the folds' mean.
+  on the other patients' shards (and the phantoms) only, then `ctld-eval` on the held-out patient's own thin
+  series (thick simulated from it with the export's slice profile; its thin slices are used only for scoring). No
+  validation split: the held-out patient is never read before scoring. The recipe itself was chosen on these
+  folds (docs/quality.md says how), so they measure development progress; real CT outside them is the test.
 - rows: nearest, linear, cubic, slab_filter (fitted by the training run on that fold's training patients only),
   ctld_regression, ctld_diffusion (and ctld_*_adapted with --adapt); columns: PSNR/SSIM in the wide and the
   soft-tissue windows, MAE in HU, and the RPLHR-CT protocol (ctld.metrics); per fold, the mean over folds, the gains
@@ -39,6 +42,7 @@ from emit import emit_json, write_json  # noqa: E402  (benchmarks/emit.py)
 from ctld import evaluate  # noqa: E402
 from ctld.config import config_to_dict, load_config, save_config  # noqa: E402
 from ctld.data import build_shards  # noqa: E402
+from ctld.demo.cli import phantom_training_shards  # noqa: E402
 from ctld.demo.stages import Stages, fingerprint, train_stage  # noqa: E402
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
@@ -66,6 +70,9 @@ def _parse_args(argv):
     parser.add_argument("--diffusion_steps", type=int, default=None, help="default: the config's train.max_steps")
     parser.add_argument("--modes", default="regression,diffusion", help="ctld-eval --modes")
     parser.add_argument("--adapt", type=int, default=0, help="also score ctld adapted to each case (ctld-eval --adapt)")
+    parser.add_argument("--phantoms", type=int, default=12,
+                        help="also train every fold on this many procedural phantom studies (ctld-demo's; synthetic, "
+                             "never a patient); 0 = real patients only")
     parser.add_argument("--num_processes", type=int, default=2, help="training processes on CPU (DDP over gloo)")
     parser.add_argument("--json", default=None, help="also write the JSON here")
     return parser.parse_known_args(argv)
@@ -101,14 +108,15 @@ def _mean_rows(rows: list[dict]) -> dict:
 
 
 def _run_fold(held_out: str, args, overrides: list[str], patients: dict[str, Path], shard_dirs: dict[str, Path],
-              stages: Stages, steps: int) -> dict:
+              phantom_urls: str, stages: Stages, steps: int) -> dict:
     """Train on every patient but `held_out` (VAE stage, then diffusion stage), then score `held_out` with ctld-eval."""
     fold = Path(args.out).resolve() / "folds" / held_out
     fold.mkdir(parents=True, exist_ok=True)
     training = [name for name in patients if name != held_out]
     urls = "::".join(str(shard_dirs[n] / "*.tar") for n in training)
     train_urls = "::".join(sorted(str(p) for n in training for p in shard_dirs[n].glob("*.tar")))
-    cfg = load_config(args.config, [*overrides, f"--data.train_urls={train_urls}"])
+    cfg = load_config(args.config, [*overrides, f"--data.train_urls={train_urls}",
+                                     f"--data.extra_train_urls={phantom_urls}"])
     config_path = fold / "config.yaml"
     save_config(cfg, config_path)
     sections = config_to_dict(cfg)
@@ -180,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
 
         stages.run(f"shards_{name}", fp, [shard_dirs[name]], build)
 
+    # ctld-demo's phantoms (data.extra_train_urls): trained on in every fold, never scored or fitted the slab filter.
+    phantom_urls = phantom_training_shards(out, stages, shard_cfg, n_studies=args.phantoms) if args.phantoms else ""
+
     result = {
         "benchmark": "real_lopo",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -189,14 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         "missing_patients": missing,
         "protocol": "leave one patient out; thick simulated from the held-out thin series with the export's "
                     f"slice profile ({base_cfg.data.thick_profile}), factor {base_cfg.data.factor}",
-        "training_budget": {"vae_steps": args.vae_steps, "diffusion_steps": steps,
+        "training_budget": {"vae_steps": args.vae_steps, "diffusion_steps": steps, "phantom_studies": args.phantoms,
                             "num_processes": args.num_processes, "patch": [base_cfg.data.depth_thick,
                                                                            base_cfg.data.patch_size],
                             "batch_size_per_process": base_cfg.data.batch_size},
         "folds": {},
     }
     for held_out in folds:
-        result["folds"][held_out] = _run_fold(held_out, args, overrides, patients, shard_dirs, stages, steps)
+        result["folds"][held_out] = _run_fold(held_out, args, overrides, patients, shard_dirs, phantom_urls, stages,
+                                              steps)
         write_json(result, out / "partial.json", indent=1)  # a long run shows its finished folds as it goes
 
     rows = [f["rows"] for f in result["folds"].values()]

@@ -34,6 +34,10 @@ class DataConfig:
     shards_dir: str = "shards"  # a folder with manifest.json from `ctld-shards build`
     train_urls: str = ""  # explicit shard URLs/brace pattern/pipe: command; empty = from shards_dir
     val_urls: str = ""
+    # Shards trained on beside the training split and never validated, tested or described by the export's domain
+    # (same URL forms as train_urls), e.g. ctld-demo's procedural phantoms mixed into a real-CT run: every shard of
+    # either list is drawn alike. The slab filter and residual scale come from the training split alone.
+    extra_train_urls: str = ""
     # Diffusion stage: train on latent shards (`ctld-shards encode`) instead of encoding every patch at every step;
     # validation still reads the pixel shards above. "" = encode on the fly.
     latent_shards_dir: str = ""

@@ -10,6 +10,9 @@ def check(cfg: Config) -> None:
     """Raise ValueError naming the first value no stage can work with (ranges and combinations the types do not
     express); `train.py` and the loader call it before anything runs."""
     check_data(cfg.data)
+    if cfg.data.extra_train_urls and cfg.data.latent_shards_dir:
+        raise ValueError("data.extra_train_urls are pixel shards; a run on data.latent_shards_dir cannot mix them in: "
+                         "encode them with the training shards, or unset one")
     t = cfg.train
     if t.stage == "diffusion" and not t.vae_export:
         raise ValueError("train.stage=diffusion needs train.vae_export=<the VAE run's export/ folder>")

@@ -23,6 +23,9 @@ INTENDED_USE = ("Research on CT slice interpolation: predict the thin slices (fa
 NOT_FOR = ("Diagnosis or any clinical decision: slices it adds are predictions, not measurements, and may show "
            "or hide findings; inputs outside the ranges below (ctld-infer refuses or warns); tilted-gantry series; "
            "modalities other than CT.")
+MODES = ("regression (one U-Net pass, the conditional mean) gives the best PSNR, SSIM and MAE and is the default; "
+         "diffusion (the mean of sampled thin series) scored below it on every real CT case measured (docs/quality.md)"
+         ": use diffusion to draw samples of plausible thin slices, not for the most accurate single series.")
 SCORE_COLUMNS = (("psnr_wide", "PSNR wide", ".2f"), ("ssim_wide", "SSIM wide", ".3f"),
                  ("psnr_soft_tissue", "PSNR soft", ".2f"), ("ssim_soft_tissue", "SSIM soft", ".3f"),
                  ("mae_hu", "MAE HU", ".1f"))
@@ -54,6 +57,7 @@ def training_card(*, meta: dict[str, Any], run: dict[str, Any], data: dict[str, 
         },
         "intended_use": INTENDED_USE,
         "not_for": NOT_FOR,
+        "inference_modes": MODES,
         "inference_settings": dict(meta.get("infer", {})),
         "domain": dict(meta.get("domain", {})),
         "training_data": data,
@@ -183,6 +187,7 @@ def render(card: dict[str, Any]) -> str:
         "",
         f"- For: {card['intended_use']}",
         f"- Not for: {card['not_for']}",
+        *([f"- Modes: {card['inference_modes']}"] if card.get("inference_modes") else []),
         "",
         "## How to run it",
         "",

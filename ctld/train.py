@@ -65,7 +65,7 @@ from ctld.config import Config, ConfigError, flatten_config, load_config, save_c
 from ctld.config_checks import check
 from ctld.data.latent_shards import check_latent_manifest, latent_shard_urls, read_latent_manifest
 from ctld.data.shard_writer import sha256_of
-from ctld.data.shards import shard_urls
+from ctld.data.shards import extra_train_urls, shard_urls
 from ctld.data.train_stream import TrainStream
 from ctld.diffusion import ResidualSpec, build_sampler, build_train_scheduler, encode_pair, spec_residual_loss
 from ctld.distributed import (
@@ -192,6 +192,7 @@ def train(cfg: Config) -> None:
     latent = bool(cfg.data.latent_shards_dir)
     # (latent shards were checked against the VAE export and config in main, before the processes started work)
     urls = latent_shard_urls(cfg.data.latent_shards_dir) if latent else shard_urls(cfg.data, "train")
+    urls += extra_train_urls(cfg.data)
     train_stream = TrainStream(urls, cfg, accelerator, latent=latent)
     train_stream.open(step)
     try:

@@ -44,12 +44,13 @@ def test_leave_one_patient_out_trains_without_the_held_out_patient_and_scores_it
     args = [f"--patient={name}={path}" for name, path in patients.items()]
     out = tmp_path / "lopo"
     assert bench.main(["--out", str(out), "--folds", "p2", "--diffusion_steps", "2", "--modes", "regression",
-                       *args, *TINY]) == 0
+                       "--phantoms", "1", *args, *TINY]) == 0
     result = json.loads((out / "partial.json").read_text())
     fold = result["folds"]["p2"]
     assert fold["trained_on"] == ["p0", "p1"]  # the held-out patient's shards never reach training
     config = (out / "folds" / "p2" / "config.yaml").read_text()
     assert "patient2" not in config and str(out / "shards" / "p2") not in config
+    assert "phantom_shards/train-" in config  # the phantoms: data.extra_train_urls
     assert set(fold["rows"]) == {"nearest", "linear", "cubic", "slab_filter", "ctld_regression"}
     assert all(np.isfinite(v) for row in fold["rows"].values() for v in row.values())
     gain = fold["gains_db"]["ctld_regression_minus_cubic"]["psnr_wide"]
@@ -64,12 +65,14 @@ def test_demo_on_mixed_thin_spacings_finishes_with_its_table(patients, tmp_path,
     """Whichever patient the salt holds out, the model trained on the other two spacings takes its thick series."""
     monkeypatch.setenv("CTLD_SALT", "mixed-spacing-test")
     out = tmp_path / "demo_data"
-    code = demo.main(["--out", str(out), "--data", *map(str, patients.values()), "--vae_steps", "1",
+    code = demo.main(["--out", str(out), "--data", *map(str, patients.values()), "--vae_steps", "1", "--n_studies",
+                      "1", "--num_slices", "40", "--size", "48",
                       "--diffusion_steps", "2", "--skip_coronal", "--shards.val_fraction=0", *TINY])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert {"cubic", "slab_filter", "ctld_regression"} <= set(summary["mean"])
     meta = json.loads((out / "runs" / "diffusion" / "export" / "ctld.json").read_text())
     assert meta["slice_spacing_policy"].startswith("slices:")
+    assert "phantom_shards" in (out / "demo_config.yaml").read_text()  # trained beside the data, never held out
     trained = meta["domain"]["thin_spacing_mm"]
     assert trained["min"] < trained["max"]  # two training patients of different thin spacings

@@ -183,6 +183,16 @@ def shard_urls(data_cfg: DataConfig, split: str) -> list[str]:
     return urls
 
 
+def extra_train_urls(data_cfg: DataConfig) -> list[str]:
+    """The shard URLs of `data.extra_train_urls` (trained on beside the training split; [] when unset)."""
+    if not data_cfg.extra_train_urls:
+        return []
+    urls = list(wds.shardlists.expand_urls(data_cfg.extra_train_urls))
+    if not urls:
+        raise ValueError(f"data.extra_train_urls={data_cfg.extra_train_urls!r} expands to no shard URLs")
+    return urls
+
+
 def manifest_training_grid(shards_dir: str | Path) -> dict[str, float]:
     """What a model trained on these shards expects of its input: {"thin_spacing_mm": median thin slice spacing,
     "inplane_spacing_mm": the pixel spacing samples were resampled to (absent when kept as scanned)}; empty

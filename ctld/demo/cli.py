@@ -68,7 +68,9 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", default=None,
                         help="YAML config (default: configs/demo.yaml; with --data configs/real.yaml)")
     parser.add_argument("--fresh", action="store_true", help="remove earlier demo outputs in --out and start over")
-    parser.add_argument("--n_studies", type=int, default=12, help="phantom training studies (one more is held out)")
+    parser.add_argument("--n_studies", type=int, default=12,
+                        help="phantom training studies (one more is held out); with --data, phantom studies trained "
+                             "on beside your data (0 = none)")
     parser.add_argument("--num_slices", type=int, default=100, help="thin 1 mm slices per phantom study")
     parser.add_argument("--size", type=int, default=128, help="phantom rows = columns")
     parser.add_argument("--noise_hu", type=float, default=15.0, help="phantom noise standard deviation (HU)")
@@ -82,6 +84,29 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--skip_coronal", action="store_true", help="do not draw OUT/coronal.png")
 
     return parser.parse_known_args(argv)
+
+
+def phantom_training_shards(out: Path, stages: Stages, config_path: Path, *, n_studies: int, seed: int = 0,
+                            num_slices: int = 100, size: int = 128, noise_hu: float = 15.0) -> str:
+    """`n_studies` procedural phantom studies (out/phantoms/train) as training-only shards (out/phantom_shards,
+    built with `config_path`'s settings, no validation or test split); returns their URLs for
+    data.extra_train_urls. A stage of `stages`: reused when unchanged."""
+    phantom_kwargs = {"num_slices": num_slices, "size": size, "noise_hu": noise_hu}
+    studies, shards = out / "phantoms" / "train", out / "phantom_shards"
+
+    def make() -> None:
+        from ctld.data import build_shards
+        from ctld.demo.phantom import make_cohort
+
+        make_cohort(studies, n_studies, seed, **phantom_kwargs)
+        code = build_shards.main(["build", str(studies), "--out", str(shards), "--config", str(config_path),
+                                  "--shards.val_fraction=0", "--shards.test_fraction=0"])
+        if code != 0:
+            raise RuntimeError(f"ctld-shards build of the phantoms failed (exit {code}); its log is above")
+
+    stages.run("phantoms", fingerprint("phantoms", PHANTOM_VERSION, n_studies, seed, phantom_kwargs),
+               [out / "phantoms", shards], make)
+    return "::".join(sorted(str(path) for path in shards.glob("*.tar")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +136,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.fresh and out.exists():
         for name in (
             "phantoms",
+            "phantom_shards",
             "shards",
             "runs",
             "infer",
@@ -153,7 +179,16 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.data:
         sources = [str(Path(p).resolve()) for p in args.data]
         upstream = fingerprint("data", sources)
-        stages.times["phantoms"] = {"seconds": 0.0, "reused": True, "skipped": "--data given"}
+        if args.n_studies > 0:
+            # The real-CT recipe also trains on phantoms (data.extra_train_urls): docs/quality.md measured it on
+            # real patients it never saw. They are never held out, validated on or part of the slab filter's fit.
+            phantom_urls = phantom_training_shards(out, stages, config_path, n_studies=args.n_studies, seed=args.seed,
+                                                   num_slices=args.num_slices, size=args.size, noise_hu=args.noise_hu)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, extra_train_urls=phantom_urls))
+            save_config(cfg, config_path)
+            sections = config_to_dict(cfg) | {"salt": sections["salt"]}
+        else:
+            stages.times["phantoms"] = {"seconds": 0.0, "reused": True, "skipped": "--data given, --n_studies 0"}
     else:
         phantom_kwargs = {"num_slices": args.num_slices, "size": args.size, "noise_hu": args.noise_hu}
         upstream = fingerprint("phantoms", PHANTOM_VERSION, args.n_studies, args.seed, phantom_kwargs)

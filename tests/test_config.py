@@ -28,7 +28,7 @@ def test_base_yaml_lists_every_key_with_dataclass_defaults(repo_root):
         assert raw[section].keys() == values.keys(), section
 
 
-@pytest.mark.parametrize("name", ["base.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["base.yaml", "tiny.yaml", "demo.yaml", "large.yaml", "real.yaml", "real_gpu.yaml"])
 def test_every_shipped_config_loads(repo_root, name):
     cfg = load_config(repo_root / "configs" / name)
     assert isinstance(cfg, Config)
@@ -195,3 +195,14 @@ def test_null_is_not_the_text_null(tmp_path):
             load_config(tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="is null"):
         build_config(parse_overrides(["--shards.salt=null"]))
+
+
+def test_extra_training_shards_cannot_mix_with_latent_shards(repo_root):
+    from ctld.config_checks import check
+
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", ["--data.extra_train_urls=/phantoms/train-000000.tar"])
+    check(cfg)  # pixel shards beside pixel shards
+    latent = load_config(repo_root / "configs" / "tiny.yaml", ["--data.extra_train_urls=/phantoms/train-000000.tar",
+                                                                "--data.latent_shards_dir=/latents"])
+    with pytest.raises(ValueError, match="extra_train_urls are pixel shards"):
+        check(latent)

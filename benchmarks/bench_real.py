@@ -44,6 +44,7 @@ from ctld.config import config_to_dict, load_config, save_config  # noqa: E402
 from ctld.data import build_shards  # noqa: E402
 from ctld.demo.cli import phantom_training_shards  # noqa: E402
 from ctld.demo.stages import Stages, fingerprint, train_stage  # noqa: E402
+from ctld.export import EXPORT_VERSION  # noqa: E402
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_PATIENTS = {
@@ -108,13 +109,13 @@ def _mean_rows(rows: list[dict]) -> dict:
 
 
 def _run_fold(held_out: str, args, overrides: list[str], patients: dict[str, Path], shard_dirs: dict[str, Path],
-              phantom_urls: str, stages: Stages, steps: int) -> dict:
+              phantoms: tuple[str, str], stages: Stages, steps: int) -> dict:
     """Train on every patient but `held_out` (VAE stage, then diffusion stage), then score `held_out` with ctld-eval."""
     fold = Path(args.out).resolve() / "folds" / held_out
     fold.mkdir(parents=True, exist_ok=True)
     training = [name for name in patients if name != held_out]
-    urls = "::".join(str(shard_dirs[n] / "*.tar") for n in training)
     train_urls = "::".join(sorted(str(p) for n in training for p in shard_dirs[n].glob("*.tar")))
+    phantom_urls, phantoms_fp = phantoms
     cfg = load_config(args.config, [*overrides, f"--data.train_urls={train_urls}",
                                      f"--data.extra_train_urls={phantom_urls}"])
     config_path = fold / "config.yaml"
@@ -122,7 +123,10 @@ def _run_fold(held_out: str, args, overrides: list[str], patients: dict[str, Pat
     sections = config_to_dict(cfg)
     # shards_dir: a training patient's folder, which has no validation split: validation is off in the run.
     no_val_shards = shard_dirs[training[0]]
-    fp_vae = fingerprint(urls, sections["data"], sections["vae"], sections["train"], args.vae_steps)
+    # The shard files' names stay when their contents change: the builds' fingerprints stand for them.
+    built = [stages.fingerprints[f"shards_{name}"] for name in training]
+    fp_vae = fingerprint(built, phantoms_fp, sections["data"], sections["vae"], sections["train"], args.vae_steps,
+                         args.num_processes, EXPORT_VERSION)
     stages.run(f"{held_out}_vae", fp_vae, [fold / "runs" / "vae"],
                lambda: train_stage("vae", config_path, fold, no_val_shards, args.vae_steps, args.num_processes))
     fp_diff = fingerprint(fp_vae, sections["unet"], sections["diffusion"], steps)
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         stages.run(f"shards_{name}", fp, [shard_dirs[name]], build)
 
     # ctld-demo's phantoms (data.extra_train_urls): trained on in every fold, never scored or fitted the slab filter.
-    phantom_urls = phantom_training_shards(out, stages, shard_cfg, n_studies=args.phantoms) if args.phantoms else ""
+    phantom_urls, phantoms_fp = (phantom_training_shards(out, stages, shard_cfg, n_studies=args.phantoms)
+                                 if args.phantoms else ("", ""))
 
     result = {
         "benchmark": "real_lopo",
@@ -207,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "folds": {},
     }
     for held_out in folds:
-        result["folds"][held_out] = _run_fold(held_out, args, overrides, patients, shard_dirs, phantom_urls, stages,
-                                              steps)
+        result["folds"][held_out] = _run_fold(held_out, args, overrides, patients, shard_dirs,
+                                              (phantom_urls, phantoms_fp), stages, steps)
         write_json(result, out / "partial.json", indent=1)  # a long run shows its finished folds as it goes
 
     rows = [f["rows"] for f in result["folds"].values()]

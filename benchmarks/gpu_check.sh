@@ -16,7 +16,7 @@
 #    1500 steps, when the real thin CT series are beside the checkout (../shared/data; else it reports them skipped).
 # Goals (issue 16): diffusion stage >= 10 samples/s and >= 35% MFU per GPU. Each step writes its JSON/log under
 # OUT_DIR; a failing step is reported and the next one still runs, and bench_train.json is rewritten after every
-# run (a time limit keeps what was measured; the compile variant runs last). At most 17 minutes (never run yet).
+# run (a time limit keeps what was measured; the compile variant runs last). At most 19 minutes (never run yet).
 #
 # A machine without network access needs ctld's pure-Python dependencies (diffusers, webdataset, pydicom, nibabel,
 # the pylibjpeg plugins, deepspeed) beside its own torch: put their wheels in .whl/ and this script installs them
@@ -54,6 +54,6 @@ step bench_infer 90 python3 benchmarks/bench_infer.py --device cuda --presets co
 step bench_train 480 python3 benchmarks/bench_train.py --preset gpu --steps 20 --warmup 5 \
     --variants pixel,latent,pixel_nophases,latent_nophases,latent_compile "${launch[@]}" \
     --out "$out/bench_train.json"
-step bench_real 300 python3 benchmarks/bench_real.py --config configs/real_gpu.yaml --folds head_cptac \
+step bench_real 420 python3 benchmarks/bench_real.py --config configs/real_gpu.yaml --folds head_cptac \
     --diffusion_steps 1500 --modes regression --out "$out/bench_real" --json "$out/bench_real.json"
 exit $status

@@ -12,7 +12,8 @@ def check(cfg: Config) -> None:
     check_data(cfg.data)
     if cfg.data.extra_train_urls and cfg.data.latent_shards_dir:
         raise ValueError("data.extra_train_urls are pixel shards; a run on data.latent_shards_dir cannot mix them in: "
-                         "encode them with the training shards, or unset one")
+                         "build them into the training shards' folder before `ctld-shards encode`, or train on "
+                         "pixel shards")
     t = cfg.train
     if t.stage == "diffusion" and not t.vae_export:
         raise ValueError("train.stage=diffusion needs train.vae_export=<the VAE run's export/ folder>")

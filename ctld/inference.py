@@ -162,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         volume, reference, kind = read_input(args.input, series_id=args.series_id)
         # Tilt is refused here whatever the flags (the grid cannot be handled); spacing, pixel size and HU by the
         # training domain (ctld.data.domain), which --allow_out_of_distribution turns into warnings.
-        check_thick_input(volume, factor=factor, thin_spacing_mm=float(meta.get("thin_spacing_mm", 1.0)),
-                          spacing_tolerance=-1, name=str(args.input),
+        check_thick_input(volume, factor=factor, name=str(args.input),
                           slice_thickness_mm=volume.meta.get("slice_thickness_mm"))
         check_input(input_differences(volume.hu, volume.spacing_mm, meta, spacing_tolerance=cfg.spacing_tolerance),
                     name=str(args.input), allow=args.allow_out_of_distribution)

@@ -15,7 +15,7 @@ from accelerate.logging import get_logger
 from ctld.calibration import estimate_scaling_factor
 from ctld.config import Config, config_to_dict
 from ctld.data.domain import SLICE_SPACING_POLICY, data_summary, training_domain
-from ctld.data.shards import manifest_training_grid, read_manifest, shard_urls
+from ctld.data.shards import manifest_training_grid, shard_urls, training_manifest
 from ctld.data.train_stream import TrainStream
 from ctld.export import EXPORT_VERSION, save_export, vae_hash
 from ctld.infer_settings import recorded_settings
@@ -55,7 +55,7 @@ def export_run(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, f
     # ctld-infer checks a thick input's spacing against factor x thin_spacing_mm and resamples it in-plane to
     # inplane_spacing_mm when the shards were resampled to it; `domain` holds the ranges it warns or refuses by.
     meta.update(_training_grid(cfg))
-    manifest = _training_manifest(cfg)
+    manifest = training_manifest(cfg.data)
     meta["domain"] = _training_domain(cfg, manifest)
     meta["slice_spacing_policy"] = SLICE_SPACING_POLICY
     card = training_card(
@@ -117,16 +117,6 @@ def _card_run(run_dir: Path, step: int) -> dict:
     }
 
 
-def _training_manifest(cfg: Config) -> dict | None:
-    """The training shards' manifest, or None when training read explicit shard URLs."""
-    if cfg.data.train_urls:
-        return None
-    try:
-        return read_manifest(cfg.data.shards_dir)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def _training_domain(cfg: Config, manifest: dict | None) -> dict:
     """ctld.json's `domain`: from the manifest, else the VAE export's (a VAE run on the same shards)."""
     if manifest is not None:
@@ -142,7 +132,8 @@ def _training_domain(cfg: Config, manifest: dict | None) -> dict:
 def _training_grid(cfg: Config) -> dict[str, float]:
     """thin_spacing_mm (median thin slice spacing) and inplane_spacing_mm (when the shards were resampled in-plane)
     the model was trained on: from the shard manifest, else from the VAE export."""
-    grid = {} if cfg.data.train_urls else manifest_training_grid(cfg.data.shards_dir)
+    manifest = training_manifest(cfg.data)
+    grid = manifest_training_grid(manifest) if manifest is not None else {}
     vae_meta = Path(cfg.train.vae_export) / "ctld.json" if cfg.train.vae_export else None
     if vae_meta is not None and vae_meta.is_file():
         known = json.loads(vae_meta.read_text())

@@ -57,8 +57,11 @@ def test_leave_one_patient_out_trains_without_the_held_out_patient_and_scores_it
     assert gain == pytest.approx(fold["rows"]["ctld_regression"]["psnr_wide"] - fold["rows"]["cubic"]["psnr_wide"],
                                  abs=1e-3)
     assert result["training_budget"]["diffusion_steps"] == 2 and fold["train_seconds"] > 0
-    # The 1.6 mm patient's 8 mm thick series was scored by a model trained on 1.0 and 1.25 mm thin series.
-    assert result["patients"]["p2"].endswith("patient2.nii.gz")
+    # The 1.6 mm patient's 8 mm thick series was scored by a model trained on 1.0 and 1.25 mm thin series: the
+    # export's domain comes from the training patients' manifests (and the phantoms are not in it).
+    meta = json.loads((out / "folds" / "p2" / "runs" / "diffusion" / "export" / "ctld.json").read_text())
+    trained = meta["domain"]["thin_spacing_mm"]
+    assert (trained["min"], trained["max"]) == (pytest.approx(1.0), pytest.approx(1.25))
 
 
 def test_demo_on_mixed_thin_spacings_finishes_with_its_table(patients, tmp_path, monkeypatch):
@@ -75,4 +78,7 @@ def test_demo_on_mixed_thin_spacings_finishes_with_its_table(patients, tmp_path,
     assert meta["slice_spacing_policy"].startswith("slices:")
     assert "phantom_shards" in (out / "demo_config.yaml").read_text()  # trained beside the data, never held out
     trained = meta["domain"]["thin_spacing_mm"]
-    assert trained["min"] < trained["max"]  # two training patients of different thin spacings
+    held_mm = json.loads((out / "shards" / "manifest.json").read_text())["splits"]["test"]["thin_spacing_z_mm"]
+    assert held_mm["min"] == held_mm["max"]  # one held-out patient
+    expected = sorted(set(THIN_SPACINGS_MM) - {round(held_mm["min"], 3)})  # the two training patients' spacings
+    assert [round(trained["min"], 3), round(trained["max"], 3)] == expected

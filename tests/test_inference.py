@@ -303,11 +303,9 @@ def test_inputs_the_model_cannot_handle_are_refused():
     tilted[:, 2] = [0.0, np.sin(np.radians(15)), np.cos(np.radians(15))]
     volume = Volume(_thick((4, 8, 8)), (5.0, 1.0, 1.0), (0, 0, 0), tilted)
     with pytest.raises(ValueError, match=r"series-A.*15\.0 deg"):
-        check_thick_input(volume, factor=5, thin_spacing_mm=1.0, spacing_tolerance=0.25, name="series-A")
+        check_thick_input(volume, factor=5, name="series-A")
     thin = Volume(_thick((4, 8, 8)), (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3))
-    with pytest.raises(ValueError, match=r"series-B.*spacing 1\.000 mm"):
-        check_thick_input(thin, factor=5, thin_spacing_mm=1.0, spacing_tolerance=0.25, name="series-B")
-    check_thick_input(thin, factor=5, thin_spacing_mm=1.0, spacing_tolerance=-1, name="series-B")  # forced
+    check_thick_input(thin, factor=5, name="series-B")  # its spacing is the training domain's question (below)
 
 
 # ---------------------------------------------------------------------------------------------- end to end

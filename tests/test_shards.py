@@ -565,3 +565,36 @@ def test_an_empty_test_split_gets_one_patient_of_a_small_cohort():
     assert {j.case_id for j in fill_empty_test_split(jobs_of(cases[::-1]), 0.2) if j.split == "test"} == held
     assert all(j.split == "train" for j in fill_empty_test_split(jobs_of(cases), 0.0))  # no test split asked for
     assert all(j.split == "train" for j in fill_empty_test_split(jobs_of(cases[:2]), 0.2))  # 2 patients: keep both
+
+
+def test_training_urls_across_builds_give_the_export_their_combined_training_domain(tmp_path):
+    """data.train_urls listing shards of several builds (one per hospital, or per patient as bench_real.py builds
+    them): the export's domain spans their training splits, never another split's patients."""
+    from ctld.config import DataConfig
+    from ctld.data.domain import training_domain
+    from ctld.data.shards import manifest_training_grid, training_manifest
+
+    def build(name, thin_mm, pixel_mm, test_thin_mm):
+        folder = tmp_path / name
+        folder.mkdir()
+        stats = lambda v: {"min": v, "median": v, "max": v}  # noqa: E731
+        manifest = {"format_version": 1, "factor": 5, "thick_profile": "box", "samples": 2, "shards": [],
+                    "settings": {"inplane_spacing_mm": 0.0},
+                    "geometry": {"thin_spacing_z_mm": {"min": min(thin_mm, test_thin_mm), "median": thin_mm,
+                                                       "max": max(thin_mm, test_thin_mm)}},
+                    "splits": {"train": {"samples": 1, "patients": 1, "thin_spacing_z_mm": stats(thin_mm),
+                                         "pixel_spacing_mm": stats(pixel_mm)},
+                               "test": {"samples": 1, "patients": 1, "thin_spacing_z_mm": stats(test_thin_mm),
+                                        "pixel_spacing_mm": stats(pixel_mm)}}}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return str(folder / "train-000000.tar")
+
+    urls = "::".join([build("a", 1.0, 0.5, 3.0), build("b", 1.6, 0.75, 0.5)])
+    manifest = training_manifest(DataConfig(train_urls=urls))
+    domain = training_domain(manifest, hu_window=(-1024, 2048))
+    assert (domain["thin_spacing_mm"]["min"], domain["thin_spacing_mm"]["max"]) == (1.0, 1.6)  # the test splits' 3.0
+    assert (domain["pixel_spacing_mm"]["min"], domain["pixel_spacing_mm"]["max"]) == (0.5, 0.75)  # and 0.5 not in
+    assert manifest["splits"]["train"]["patients"] == 2
+    assert manifest_training_grid(manifest) == {"thin_spacing_mm": pytest.approx(1.3)}
+    assert training_manifest(DataConfig(train_urls="pipe:aws s3 cp s3://bucket/train-000000.tar -")) is None
+    assert training_manifest(DataConfig(train_urls=str(tmp_path / "nowhere" / "train-000000.tar"))) is None

@@ -86,9 +86,10 @@ def _stats(values: list[float]) -> dict[str, float]:
 def training_domain(manifest: dict[str, Any], *, hu_window: tuple[float, float]) -> dict[str, Any]:
     """ctld.json's `domain`: the ranges the training shards cover (from `ctld.data.shards.read_manifest`).
 
-    Returns {"thin_spacing_mm": {min, median, max}, "pixel_spacing_mm": {min, median, max} (of the grid the model
-    saw, after any in-plane resampling), "hu_p1" / "hu_p99": {min, median, max} over the thick series the model
-    took as input (shards built before ctld recorded them lack these), "hu_window": [lo, hi]}.
+    Returns {"thin_spacing_mm": {min, median, max}, "pixel_spacing_mm": {min, median, max} (of the training split's
+    grid, after any in-plane resampling; of every split for manifests before ctld recorded them per split),
+    "hu_p1" / "hu_p99": {min, median, max} over the thick series (every split; shards built before ctld recorded
+    them lack these), "hu_window": [lo, hi]}.
     """
     geometry = manifest.get("geometry", {})
     pixel = [geometry.get(f"pixel_spacing_{axis}_mm", {}) for axis in ("y", "x")]
@@ -98,6 +99,11 @@ def training_domain(manifest: dict[str, Any], *, hu_window: tuple[float, float])
     if all(pixel):
         domain["pixel_spacing_mm"] = {"min": min(p["min"] for p in pixel), "median": float(np.mean(
             [p["median"] for p in pixel])), "max": max(p["max"] for p in pixel)}
+    # The training split's own ranges where the manifest records them (never a held-out patient's spacing).
+    train = manifest.get("splits", {}).get("train", {})
+    for key, name in (("thin_spacing_z_mm", "thin_spacing_mm"), ("pixel_spacing_mm", "pixel_spacing_mm")):
+        if train.get(key):
+            domain[name] = dict(train[key])
     for key in ("p1", "p99"):
         stats = manifest.get("hu", {}).get(key)
         if stats:

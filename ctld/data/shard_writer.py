@@ -264,6 +264,9 @@ def manifest_doc(settings: dict, records: list[dict], plan_info: dict) -> dict:
             # Counts only (the model card's training data): keys are "<case_id>_<series_id>".
             "patients": len({info["key"].split("_")[0] for info in infos}),
             "thick_source": dict(Counter(info["thick_source"] for info in infos)),
+            # What this split's series span (the export's domain is the training split's: ctld.data.domain).
+            "thin_spacing_z_mm": _stats([info["thin_spacing_mm"][0] for info in infos]),
+            "pixel_spacing_mm": _stats([v for info in infos for v in info["thin_spacing_mm"][1:]]),
         }
 
     total = plan_info["series_total"]

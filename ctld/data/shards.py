@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,22 +194,92 @@ def extra_train_urls(data_cfg: DataConfig) -> list[str]:
     return urls
 
 
-def manifest_training_grid(shards_dir: str | Path) -> dict[str, float]:
-    """What a model trained on these shards expects of its input: {"thin_spacing_mm": median thin slice spacing,
-    "inplane_spacing_mm": the pixel spacing samples were resampled to (absent when kept as scanned)}; empty
-    without a manifest."""
-    try:
-        manifest = read_manifest(shards_dir)
-    except (FileNotFoundError, ValueError):
-        return {}
+def manifest_training_grid(shards_dir: str | Path | dict) -> dict[str, float]:
+    """What a model trained on these shards expects of its input: {"thin_spacing_mm": median thin slice spacing of
+    the training split, "inplane_spacing_mm": the pixel spacing samples were resampled to (absent when kept as
+    scanned)}; empty without a manifest. Takes a shards folder or a manifest."""
+    if isinstance(shards_dir, dict):
+        manifest = shards_dir
+    else:
+        try:
+            manifest = read_manifest(shards_dir)
+        except (FileNotFoundError, ValueError):
+            return {}
     grid = {}
-    median = manifest.get("geometry", {}).get("thin_spacing_z_mm", {}).get("median")
+    train = manifest.get("splits", {}).get("train", {}).get("thin_spacing_z_mm") or {}
+    median = train.get("median", manifest.get("geometry", {}).get("thin_spacing_z_mm", {}).get("median"))
     if median is not None:
         grid["thin_spacing_mm"] = float(median)
     inplane = float(manifest.get("settings", {}).get("inplane_spacing_mm", 0.0) or 0.0)
     if inplane > 0:
         grid["inplane_spacing_mm"] = inplane
     return grid
+
+
+def training_manifest(data_cfg: DataConfig) -> dict[str, Any] | None:
+    """The manifest of a run's training shards: shards_dir's; with data.train_urls, the manifests of the folders
+    holding those shards, combined (`combine_manifests`: e.g. one build per hospital, or per patient as
+    benchmarks/bench_real.py builds them). None when a URL is remote or a folder has no manifest."""
+    if not data_cfg.train_urls:
+        try:
+            return read_manifest(data_cfg.shards_dir)
+        except (FileNotFoundError, ValueError):
+            return None
+    folders: list[Path] = []
+    for url in wds.shardlists.expand_urls(data_cfg.train_urls):
+        if url.startswith("pipe:") or "://" in url:
+            return None
+        if Path(url).parent not in folders:
+            folders.append(Path(url).parent)
+    try:
+        return combine_manifests([read_manifest(folder) for folder in folders])
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _combined_stats(stats: list[dict]) -> dict:
+    stats = [s for s in stats if s]
+    if not stats:
+        return {}
+    # The median of medians: exact ranges, an approximate centre.
+    return {"min": min(s["min"] for s in stats), "median": float(np.median([s["median"] for s in stats])),
+            "max": max(s["max"] for s in stats)}
+
+
+def combine_manifests(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """One manifest's aggregates for several builds trained on together: counts summed, ranges spanned. The builds
+    must agree on factor and in-plane resampling (ValueError otherwise)."""
+    if len(manifests) == 1:
+        return manifests[0]
+    first = manifests[0]
+    for key, read in (("factor", lambda m: m.get("factor")),
+                      ("shards.inplane_spacing_mm", lambda m: m.get("settings", {}).get("inplane_spacing_mm"))):
+        if len({json.dumps(read(m)) for m in manifests}) > 1:
+            raise ValueError(f"the training shards' builds differ in {key}; train on builds of one setting")
+    splits = {}
+    for split in {name for m in manifests for name in m.get("splits", {})}:
+        parts = [m["splits"][split] for m in manifests if split in m.get("splits", {})]
+        splits[split] = {key: sum(p.get(key) or 0 for p in parts) for key in ("shards", "samples", "bytes", "patients")}
+        splits[split]["thick_source"] = dict(sum((Counter(p.get("thick_source", {})) for p in parts), Counter()))
+        for key in ("thin_spacing_z_mm", "pixel_spacing_mm"):
+            splits[split][key] = _combined_stats([p.get(key, {}) for p in parts])
+    geometry_keys = {key for m in manifests for key in m.get("geometry", {})}
+    profiles = {m.get("thick_profile") for m in manifests}
+    return {
+        "format_version": first.get("format_version"),
+        "factor": first.get("factor"),
+        "thick_profile": profiles.pop() if len(profiles) == 1 else "mixed",
+        "splits": splits,
+        "samples": sum(m.get("samples", 0) for m in manifests),
+        "thick_source": dict(sum((Counter(m.get("thick_source", {})) for m in manifests), Counter())),
+        "geometry": {key: _combined_stats([m.get("geometry", {}).get(key, {}) for m in manifests])
+                     for key in geometry_keys},
+        "hu": {key: _combined_stats([m.get("hu", {}).get(key, {}) for m in manifests]) for key in ("p1", "p99")},
+        "series_total": sum(m.get("series_total", 0) for m in manifests),
+        "skipped": [entry for m in manifests for entry in m.get("skipped", [])],
+        "skipped_counts": dict(sum((Counter(m.get("skipped_counts", {})) for m in manifests), Counter())),
+        "settings": dict(first.get("settings", {})),
+    }
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

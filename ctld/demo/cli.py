@@ -87,12 +87,16 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def phantom_training_shards(out: Path, stages: Stages, config_path: Path, *, n_studies: int, seed: int = 0,
-                            num_slices: int = 100, size: int = 128, noise_hu: float = 15.0) -> str:
+                            num_slices: int = 100, size: int = 128, noise_hu: float = 15.0) -> tuple[str, str]:
     """`n_studies` procedural phantom studies (out/phantoms/train) as training-only shards (out/phantom_shards,
-    built with `config_path`'s settings, no validation or test split); returns their URLs for
-    data.extra_train_urls. A stage of `stages`: reused when unchanged."""
+    built with `config_path`'s settings, no validation or test split). A stage of `stages` ("phantom_shards"),
+    reused when unchanged. Returns their URLs for data.extra_train_urls and the stage's fingerprint (for the
+    training stages downstream: the URLs name files whose contents may change)."""
     phantom_kwargs = {"num_slices": num_slices, "size": size, "noise_hu": noise_hu}
     studies, shards = out / "phantoms" / "train", out / "phantom_shards"
+    cfg = load_config(config_path)
+    stage_fp = fingerprint("phantom_shards", PHANTOM_VERSION, n_studies, seed, phantom_kwargs,
+                           config_to_dict(cfg)["shards"], cfg.data.factor, cfg.data.thick_profile)
 
     def make() -> None:
         from ctld.data import build_shards
@@ -104,9 +108,11 @@ def phantom_training_shards(out: Path, stages: Stages, config_path: Path, *, n_s
         if code != 0:
             raise RuntimeError(f"ctld-shards build of the phantoms failed (exit {code}); its log is above")
 
-    stages.run("phantoms", fingerprint("phantoms", PHANTOM_VERSION, n_studies, seed, phantom_kwargs),
-               [out / "phantoms", shards], make)
-    return "::".join(sorted(str(path) for path in shards.glob("*.tar")))
+    stages.run("phantom_shards", stage_fp, [out / "phantoms", shards], make)
+    urls = sorted(str(path) for path in shards.glob("*.tar"))
+    if not urls:
+        raise RuntimeError(f"{shards} holds no shards: the phantom build wrote none (its log is above)")
+    return "::".join(urls), stage_fp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +180,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     sections = config_to_dict(cfg) | {"salt": anon_id("demo", salt, "salt-check") if salt else "per-user"}
     shards_dir = out / "shards"
     held: dict = {}
+    phantoms_fp = ""  # --data: the training-only phantom shards' stage
 
     # 1. phantoms (or the user's data)
     if args.data:
@@ -182,8 +189,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.n_studies > 0:
             # The real-CT recipe also trains on phantoms (data.extra_train_urls): docs/quality.md measured it on
             # real patients it never saw. They are never held out, validated on or part of the slab filter's fit.
-            phantom_urls = phantom_training_shards(out, stages, config_path, n_studies=args.n_studies, seed=args.seed,
-                                                   num_slices=args.num_slices, size=args.size, noise_hu=args.noise_hu)
+            phantom_urls, phantoms_fp = phantom_training_shards(
+                out, stages, config_path, n_studies=args.n_studies, seed=args.seed, num_slices=args.num_slices,
+                size=args.size, noise_hu=args.noise_hu)
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, extra_train_urls=phantom_urls))
             save_config(cfg, config_path)
             sections = config_to_dict(cfg) | {"salt": sections["salt"]}
@@ -227,7 +235,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         held = held_out_from_shards(shards_dir, out)
 
     # 3-4. training
-    vae_fp = fingerprint(shards_fp, sections["data"], sections["vae"], sections["train"], vae_steps)
+    vae_fp = fingerprint(shards_fp, phantoms_fp, sections["data"], sections["vae"], sections["train"], vae_steps)
     stages.run(
         "vae",
         vae_fp,

@@ -33,8 +33,10 @@ class Stages:
         self.dir = out / ".stages"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.times: dict[str, dict] = {}
+        self.fingerprints: dict[str, str] = {}  # of the stages run or reused, for the stages that depend on them
 
     def run(self, name: str, fingerprint: str, outputs: list[Path], fn) -> None:
+        self.fingerprints[name] = fingerprint
         done = self.dir / f"{name}.json"
         if done.is_file() and all(path.exists() for path in outputs):
             record = json.loads(done.read_text())

@@ -88,12 +88,13 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def phantom_training_shards(out: Path, stages: Stages, config_path: Path, *, n_studies: int, seed: int = 0,
                             num_slices: int = 100, size: int = 128, noise_hu: float = 15.0) -> tuple[str, str]:
-    """`n_studies` procedural phantom studies (out/phantoms/train) as training-only shards (out/phantom_shards,
+    """`n_studies` procedural phantom studies (out/phantom_studies; not the phantom demo's out/phantoms, so the two
+    modes can share an --out) as training-only shards (out/phantom_shards,
     built with `config_path`'s settings, no validation or test split). A stage of `stages` ("phantom_shards"),
     reused when unchanged. Returns their URLs for data.extra_train_urls and the stage's fingerprint (for the
     training stages downstream: the URLs name files whose contents may change)."""
     phantom_kwargs = {"num_slices": num_slices, "size": size, "noise_hu": noise_hu}
-    studies, shards = out / "phantoms" / "train", out / "phantom_shards"
+    studies, shards = out / "phantom_studies", out / "phantom_shards"
     cfg = load_config(config_path)
     stage_fp = fingerprint("phantom_shards", PHANTOM_VERSION, n_studies, seed, phantom_kwargs,
                            config_to_dict(cfg)["shards"], cfg.data.factor, cfg.data.thick_profile)
@@ -108,7 +109,7 @@ def phantom_training_shards(out: Path, stages: Stages, config_path: Path, *, n_s
         if code != 0:
             raise RuntimeError(f"ctld-shards build of the phantoms failed (exit {code}); its log is above")
 
-    stages.run("phantom_shards", stage_fp, [out / "phantoms", shards], make)
+    stages.run("phantom_shards", stage_fp, [studies, shards], make)
     urls = sorted(str(path) for path in shards.glob("*.tar"))
     if not urls:
         raise RuntimeError(f"{shards} holds no shards: the phantom build wrote none (its log is above)")
@@ -142,6 +143,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.fresh and out.exists():
         for name in (
             "phantoms",
+            "phantom_studies",
             "phantom_shards",
             "shards",
             "runs",

@@ -30,25 +30,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # benchmarks/emit.py, also when imported by path
-from emit import emit_json  # noqa: E402  (benchmarks/emit.py)
+from emit import emit_json, gains_db  # noqa: E402  (benchmarks/emit.py)
 
 from ctld import evaluate  # noqa: E402
 from ctld.demo import cli as demo  # noqa: E402
 
 REAL_CT = REPO_ROOT.parent / "shared" / "data" / "ct" / "totalsegmentator_ct" / "tests" / "reference_files" / \
     "aorta_report" / "test_result" / "models" / "ct_cropped.nii.gz"
-
-
-def _gains(mean: dict) -> dict:
-    out = {}
-    for method in (m for m in mean if m.startswith("ctld")):
-        for baseline in ("cubic", "slab_filter"):
-            if baseline in mean:
-                out[f"{method}_minus_{baseline}"] = {
-                    key: round(mean[method][key] - mean[baseline][key], 3)
-                    for key in ("psnr_wide", "psnr_soft_tissue", "rplhr_psnr", "ssim_wide", "ssim_soft_tissue")
-                }
-    return out
 
 
 def _rounded(mean: dict) -> dict:
@@ -84,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": {"stages": summary["stages"],
                      "vae_steps": "ctld-demo default" if args.vae_steps is None else args.vae_steps,
                      "diffusion_steps": "ctld-demo default" if args.diffusion_steps is None else args.diffusion_steps},
-        "held_out_phantom": {"mean": _rounded(summary["mean"]), "gains_db": _gains(summary["mean"])},
+        "held_out_phantom": {"mean": _rounded(summary["mean"]), "gains_db": gains_db(summary["mean"])},
     }
     real = Path(args.real_ct)
     if real.exists():
@@ -96,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         mean = json.loads((report / "metrics.json").read_text())["mean"]
         result["real_chest_ct"] = {"data": str(real), "thick": "simulated (export's slice profile), factor 5",
-                                   "mean": _rounded(mean), "gains_db": _gains(mean)}
+                                   "mean": _rounded(mean), "gains_db": gains_db(mean)}
     else:
         result["real_chest_ct"] = {"skipped": f"{real} not found (a clone without ../shared)"}
     result["wall_seconds"] = round(time.perf_counter() - start, 1)

@@ -37,7 +37,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # benchmarks/emit.py, also when imported by path
-from emit import emit_json, write_json  # noqa: E402  (benchmarks/emit.py)
+from emit import emit_json, gains_db, write_json  # noqa: E402  (benchmarks/emit.py)
 
 from ctld import evaluate  # noqa: E402
 from ctld.config import config_to_dict, load_config, save_config  # noqa: E402
@@ -55,7 +55,6 @@ DEFAULT_PATIENTS = {
     "chest_cta_totalseg": SHARED / "ct" / "totalsegmentator_ct" / "tests" / "reference_files" / "aorta_report"
     / "test_result" / "models" / "ct_cropped.nii.gz",
 }
-GAIN_KEYS = ("psnr_wide", "psnr_soft_tissue", "ssim_wide", "ssim_soft_tissue", "mae_hu", "rplhr_psnr")
 
 
 def _parse_args(argv):
@@ -91,16 +90,6 @@ def _patients(args) -> tuple[dict[str, Path], dict[str, str]]:
         chosen = dict(DEFAULT_PATIENTS)
     missing = {name: f"{path} not found" for name, path in chosen.items() if not path.exists()}
     return {n: p for n, p in chosen.items() if n not in missing}, missing
-
-
-def _gains(mean: dict) -> dict:
-    out = {}
-    for method in (m for m in mean if m.startswith("ctld")):
-        for baseline in ("cubic", "slab_filter"):
-            if baseline in mean:
-                out[f"{method}_minus_{baseline}"] = {k: round(mean[method][k] - mean[baseline][k], 3)
-                                                     for k in GAIN_KEYS if k in mean[method]}
-    return out
 
 
 def _mean_rows(rows: list[dict]) -> dict:
@@ -150,7 +139,7 @@ def _run_fold(held_out: str, args, overrides: list[str], patients: dict[str, Pat
                                + stages.times[f"{held_out}_diffusion"]["seconds"], 1),
         "eval_seconds": round(stages.times[f"{held_out}_eval"]["seconds"], 1),
         "rows": mean,
-        "gains_db": _gains(mean),
+        "gains_db": gains_db(mean),
     }
 
 
@@ -218,14 +207,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [f["rows"] for f in result["folds"].values()]
     mean = _mean_rows(rows)
-    result["mean_over_folds"] = {"rows": mean, "gains_db": _gains(mean)}
+    result["mean_over_folds"] = {"rows": mean, "gains_db": gains_db(mean)}
     if "ctld_regression" in mean and "slab_filter" in mean:
-        worst = min(f["rows"]["ctld_regression"]["psnr_soft_tissue"] - f["rows"]["slab_filter"]["psnr_soft_tissue"]
-                    for f in result["folds"].values())
-        worst_wide = min(f["rows"]["ctld_regression"]["psnr_wide"] - f["rows"]["slab_filter"]["psnr_wide"]
-                         for f in result["folds"].values())
-        result["worst_fold_minus_slab_filter_db"] = {"psnr_wide": round(worst_wide, 3),
-                                                     "psnr_soft_tissue": round(worst, 3)}
+        result["worst_fold_minus_slab_filter_db"] = {
+            key: round(min(f["rows"]["ctld_regression"][key] - f["rows"]["slab_filter"][key]
+                           for f in result["folds"].values()), 3) for key in ("psnr_wide", "psnr_soft_tissue")}
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     emit_json(result, args.json, indent=1)
     return 0

@@ -92,6 +92,7 @@ def bench_export(name: str, export: Export, infer: dict, *, thick: np.ndarray, d
                  window_overrides: dict) -> list[dict]:
     meta = export.meta
     infer = {**infer, **window_overrides}
+    self_ensemble = int(infer.get("self_ensemble", 1))  # mirrored copies per window, as ctld-infer runs the export
     window = dict(factor=int(meta["factor"]), depth_thick=int(meta["depth_thick"]),
                   patch_size=int(meta["patch_size"]), hu_range=(float(meta["hu_min"]), float(meta["hu_max"])),
                   depth_context=infer.get("depth_context", 2), depth_overlap=infer.get("depth_overlap", 1),
@@ -103,7 +104,7 @@ def bench_export(name: str, export: Export, infer: dict, *, thick: np.ndarray, d
         # steps 0 = regression (one pass); otherwise diffusion with that many sampler steps.
         mode = "regression" if steps == 0 else "diffusion"
         predictor = CtldPredictor(export, mode=mode, sampler=sampler, num_inference_steps=max(steps, 1), seed=0,
-                                  device=device)
+                                  self_ensemble=self_ensemble, device=device)
         keys = ("factor", "depth_thick", "patch_size", "depth_context", "depth_overlap", "inplane_overlap",
                 "batch_size", "window_depth", "tile_size")
         plan, batch = plan_inference(predictor, thick.shape, **{key: window[key] for key in keys})
@@ -127,6 +128,7 @@ def bench_export(name: str, export: Export, infer: dict, *, thick: np.ndarray, d
             "sampler": sampler,
             "steps": steps,
             "mode": mode,
+            "self_ensemble": self_ensemble,
             "seconds_per_series": round(statistics.median(times), 3),
             "times_s": [round(t, 3) for t in times],
             "windows_per_series": plan.num_windows,

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctld.data.domain import model_pixel_spacing_mm
 from ctld.data.inplane import InplanePair, inplane_pairs
 from ctld.data.patches import sample_patch_pairs
 from ctld.data.transforms import hu_to_model
@@ -76,8 +77,8 @@ def check_settings(*, steps: int, lr: float, batch_size: int) -> None:
 
 
 def series_pairs(thick_hu: np.ndarray, spacing_mm, meta: dict) -> list[InplanePair]:
-    """The in-plane pairs of a thick series for an export: in-plane pixels first resampled to the export's
-    `inplane_spacing_mm` when it was trained resampled (what `interpolate_at_spacing` does at inference), then
+    """The in-plane pairs of a thick series for an export: in-plane pixels first resampled to the spacing the export
+    runs the series at (`ctld.data.domain.model_pixel_spacing_mm`, as `interpolate_at_spacing` does at inference), then
     both in-plane axes ("y", "x") resampled to the thin spacing dz / factor and made thick with the export's slice
     profile."""
     from ctld.data.geometry import resample_inplane
@@ -86,9 +87,9 @@ def series_pairs(thick_hu: np.ndarray, spacing_mm, meta: dict) -> list[InplanePa
     if hu.ndim != 3:
         raise ValueError(f"the thick series must be (D, H, W), got shape {hu.shape}")
     spacing = tuple(float(v) for v in spacing_mm)
-    model_mm = meta.get("inplane_spacing_mm")
-    if model_mm and not np.allclose(spacing[1:], float(model_mm), rtol=0.01):
-        hu, spacing = resample_inplane(hu, spacing, float(model_mm))
+    model_mm = model_pixel_spacing_mm(meta, spacing[1:])
+    if model_mm:
+        hu, spacing = resample_inplane(hu, spacing, model_mm)
     factor = int(meta["factor"])
     return inplane_pairs(hu, spacing, factor=factor, profile=str(meta.get("thick_profile", "box")))
 

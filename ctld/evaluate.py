@@ -40,8 +40,8 @@ import numpy as np
 
 from ctld.baselines import METHODS, SlabFilter, interpolate_z
 from ctld.config import DataConfig
-from ctld.data.domain import check_input, input_differences
-from ctld.data.geometry import AlignmentError, align
+from ctld.data.domain import check_input, input_differences, model_pixel_spacing_mm
+from ctld.data.geometry import AlignmentError, align, resample_inplane
 from ctld.data.shards import MANIFEST, iter_samples, manifest_shards
 from ctld.data.transforms import HU_WINDOWS, simulate_thick
 from ctld.data.volume import Volume
@@ -195,11 +195,12 @@ def _table(rows: dict[str, dict[str, float]], keys=METRIC_KEYS) -> list[str]:
 
 def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, depth_thick: int, patch_size: int,
                            cfg, device, out: Path, progress: bool | None, panel_window: str,
-                           slab_filter: SlabFilter | None = None, model_pixel_spacing_mm: float | None = None,
+                           slab_filter: SlabFilter | None = None, export_meta: dict | None = None,
                            case_models: Callable[[Case], dict] | None = None, tiling_check: bool = False) -> dict:
     """Score the baselines (nearest, linear, cubic and, when given, the slab filter fitted on the training split)
-    and every model of `models` ({name: (predict_fn, hu_range)}, run through the windowed engine at the export's
-    in-plane pixel spacing `model_pixel_spacing_mm` when it was trained resampled) on every case;
+    and every model of `models` ({name: (predict_fn, hu_range)}, run through the windowed engine at the pixel
+    spacing the export `export_meta` (its ctld.json) runs each case at: `ctld.data.domain.model_pixel_spacing_mm`)
+    on every case;
     returns the metrics document (also written). `models` may hold the target itself as {"target": None}.
     `case_models(case)` may add models made for one case (the export adapted to its thick series), scored after
     `models` on that case only. `tiling_check`: the first model is run again with its window grid shifted by half a
@@ -217,8 +218,9 @@ def evaluate_interpolation(cases: list[Case], models: dict, *, factor: int, dept
                 predictions[name] = case.target_hu.astype(np.float32)
                 continue
             predict, hu_range = model
+            model_mm = model_pixel_spacing_mm(export_meta, case.thin_spacing_mm[1:]) if export_meta else None
             run = dict(pixel_spacing_mm=case.thin_spacing_mm[1:],
-                       model_pixel_spacing_mm=model_pixel_spacing_mm if hu_range is not None else None, factor=factor,
+                       model_pixel_spacing_mm=model_mm if hu_range is not None else None, factor=factor,
                        depth_thick=depth_thick, patch_size=patch_size, hu_range=hu_range, **window_kwargs(cfg),
                        device=device, progress=progress)
             predictions[name] = interpolate_at_spacing(case.thick_hu, predict, **run)
@@ -259,7 +261,10 @@ def check_tiling(thick_hu: np.ndarray, predict, thin_hu: np.ndarray, run: dict, 
     gives 100 (identical)."""
     keys = ("factor", "depth_thick", "patch_size", "depth_context", "depth_overlap", "inplane_overlap", "batch_size",
             "window_depth", "tile_size")
-    plan, _ = plan_inference(predict, thick_hu.shape, **{key: run[key] for key in keys})
+    grid = np.asarray(thick_hu)
+    if run.get("model_pixel_spacing_mm"):  # the windows fall on the grid the model runs at
+        grid, _ = resample_inplane(grid, (1.0, *run["pixel_spacing_mm"]), run["model_pixel_spacing_mm"])
+    plan, _ = plan_inference(predict, grid.shape, **{key: run[key] for key in keys})
     shifted = interpolate_at_spacing(thick_hu, predict, grid_shift=plan.half_window_shift, **run)
     return {"model": name, "grid_shift": list(plan.half_window_shift),
             "window": [plan.depth_thick, plan.patch_size, plan.patch_size],
@@ -409,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.method == "ctld":
                 models = {f"ctld_{m}": (CtldPredictor(export, mode=m, sampler=cfg.sampler,
                                                       num_inference_steps=cfg.num_inference_steps,
-                                                      num_samples=cfg.num_samples, seed=cfg.seed, device=device),
+                                                      num_samples=cfg.num_samples, seed=cfg.seed,
+                                                      self_ensemble=cfg.self_ensemble, device=device),
                                         hu_range) for m in modes}
                 settings["modes"] = modes
             elif args.method == "prior":
@@ -429,9 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                     return {f"ctld_{m}_adapted": (CtldPredictor(adapted, mode=m, sampler=cfg.sampler,
                                                                 num_inference_steps=cfg.num_inference_steps,
                                                                 num_samples=cfg.num_samples, seed=cfg.seed,
+                                                                self_ensemble=cfg.self_ensemble,
                                                                 device=device), hu_range) for m in modes}
             result = evaluate_interpolation(cases, models, slab_filter=slab_filter,
-                                            model_pixel_spacing_mm=meta.get("inplane_spacing_mm"),
+                                            export_meta=export.meta if export is not None else None,
                                             case_models=case_models, tiling_check=args.tiling_check, **common)
             mode = "interpolation"
             settings["method"] = args.method
@@ -447,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                      "cubic = Keys cubic convolution a=-0.5; slab_filter = the per-phase linear z-filter fitted in "
                      "closed form on the model's training split (stored in the export); edge slices replicated",
         "ctld": "ctld_regression = one pass of the residual model (the conditional mean); ctld_diffusion = the mean "
-                "of num_samples diffusion samples started from the one-pass estimate noised to the strength",
+                "of num_samples diffusion samples started from the one-pass estimate noised to the strength; with "
+                "self_ensemble > 1, the mean over that many mirrored copies of each window (ctld.predictors.FLIPS)",
         "scored_slices": "thin slices covered by the thick series (real pairs: where the thin series has them)",
     }
     if settings.get("adapt_steps", 0) > 0 and settings.get("method") == "ctld":

@@ -17,8 +17,8 @@ from ctld.config import ConfigError, InferConfig, build_config, keys_set_in, loa
 
 # What an export records: the settings that shape its output. The adaptation (--adapt) and the spacing guard are
 # choices of one run, not part of what the model was validated with, so they always start from the defaults.
-RECORDED_FIELDS = ("mode", "sampler", "num_inference_steps", "num_samples", "seed", "batch_size", "depth_context",
-                   "depth_overlap", "inplane_overlap", "window_depth", "tile_size")
+RECORDED_FIELDS = ("mode", "sampler", "num_inference_steps", "num_samples", "self_ensemble", "seed", "batch_size",
+                   "depth_context", "depth_overlap", "inplane_overlap", "window_depth", "tile_size")
 ADAPT_FIELDS = ("adapt_lr", "adapt_seed", "adapt_batch_size")  # shown only when adapt_steps > 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ctld.config import InferConfig
-from ctld.data.domain import check_input, input_differences
+from ctld.data.domain import check_input, input_differences, model_pixel_spacing_mm
 from ctld.data.geometry import check_thick_input
 from ctld.export import read_export_meta
 from ctld.infer_settings import describe, resolve_settings
@@ -62,6 +62,9 @@ def add_infer_flags(parser: argparse.ArgumentParser) -> None:
                         help="diffusion mode: denoising steps")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling noise (reproducible output)")
     parser.add_argument("--num_samples", type=int, default=None, help="diffusion samples averaged per window")
+    parser.add_argument("--self_ensemble", type=int, choices=(1, 2, 4, 8), default=None,
+                        help="mirrored copies of each window averaged: 2 = z, 4 = z and x, 8 = z, x and y flips "
+                             "(that many times the model's time)")
     parser.add_argument("--batch_size", type=int, default=None, help="windows per forward pass")
     parser.add_argument("--depth_context", type=int, default=None,
                         help="thick slices at each window end used only as context")
@@ -173,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {save_adapted(export, args.save_adapted)}")
         predictor = CtldPredictor(export, mode=cfg.mode, sampler=cfg.sampler,
                                   num_inference_steps=cfg.num_inference_steps, num_samples=cfg.num_samples,
-                                  seed=cfg.seed, device=device)
+                                  seed=cfg.seed, self_ensemble=cfg.self_ensemble, device=device)
         thin_hu = interpolate_at_spacing(
             volume.hu, predictor, pixel_spacing_mm=volume.spacing_mm[1:],
-            model_pixel_spacing_mm=meta.get("inplane_spacing_mm"), factor=factor, depth_thick=int(meta["depth_thick"]),
-            patch_size=int(meta["patch_size"]), hu_range=(float(meta["hu_min"]), float(meta["hu_max"])),
+            model_pixel_spacing_mm=model_pixel_spacing_mm(meta, volume.spacing_mm[1:]), factor=factor,
+            depth_thick=int(meta["depth_thick"]), patch_size=int(meta["patch_size"]),
+            hu_range=(float(meta["hu_min"]), float(meta["hu_max"])),
             **window_kwargs(cfg), device=device, progress=False if args.no_progress else None,
         )
         thin = thin_volume_like(volume, thin_hu, factor)

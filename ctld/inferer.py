@@ -473,18 +473,28 @@ def fit_depth_windows(depth_thick: int, depth_context: int, depth_overlap: int, 
 
 
 def interpolate_at_spacing(thick_hu: np.ndarray, predict_fn: PredictFn, *, pixel_spacing_mm: tuple[float, float],
-                           model_pixel_spacing_mm: float | None, **kwargs) -> np.ndarray:
-    """`interpolate_volume` at the in-plane pixel spacing the model was trained at (shards built with
-    `shards.inplane_spacing_mm`): the input is resampled to it and the thin output resampled back onto the
-    input's own in-plane grid. Without a trained spacing (or when the input already has it) it is
-    `interpolate_volume` itself."""
+                           model_pixel_spacing_mm: float | None, factor: int, **kwargs) -> np.ndarray:
+    """`interpolate_volume` at the in-plane pixel spacing the model runs at (`ctld.data.domain.model_pixel_spacing_mm`:
+    the spacing it was trained resampled to, or the nearest trained one for a series outside the trained range).
+
+    The input is resampled to it and the model's correction of cubic interpolation, not its whole output, is
+    resampled back and added to cubic interpolation on the input's own pixels: a round trip through coarser pixels
+    would blur away the series' in-plane detail, which only the correction loses. Without a model spacing (or when
+    the input already has it) it is `interpolate_volume` itself.
+    """
+    from ctld.baselines import interpolate_z
     from ctld.data.geometry import resample_inplane, resize_inplane
 
     if not model_pixel_spacing_mm or np.allclose(pixel_spacing_mm, model_pixel_spacing_mm, rtol=0.01):
-        return interpolate_volume(thick_hu, predict_fn, **kwargs)
+        return interpolate_volume(thick_hu, predict_fn, factor=factor, **kwargs)
     resampled, _ = resample_inplane(np.asarray(thick_hu), (1.0, *pixel_spacing_mm), model_pixel_spacing_mm)
-    logger.info("in-plane %s mm pixels resampled to the model's %.3g mm (%s -> %s), and back after the model",
-                [round(v, 3) for v in pixel_spacing_mm], model_pixel_spacing_mm, tuple(thick_hu.shape[1:]),
+    logger.info("in-plane %s mm pixels resampled to the model's %.3g mm (%s -> %s), its correction back after the "
+                "model", [round(v, 3) for v in pixel_spacing_mm], model_pixel_spacing_mm, tuple(thick_hu.shape[1:]),
                 tuple(resampled.shape[1:]))
-    thin = interpolate_volume(resampled, predict_fn, **kwargs)
-    return resize_inplane(thin, tuple(thick_hu.shape[1:]))
+    correction = interpolate_volume(resampled, predict_fn, factor=factor, **kwargs)
+    correction -= interpolate_z(resampled, factor, "cubic")
+    thin = interpolate_z(np.asarray(thick_hu), factor, "cubic")
+    thin += resize_inplane(correction, tuple(thick_hu.shape[1:]))
+    if kwargs.get("hu_range") is not None and kwargs.get("keep_beyond", True):
+        keep_beyond_window(thin, np.asarray(thick_hu), factor, kwargs["hu_range"])  # exact on the series' own grid
+    return thin

@@ -45,6 +45,20 @@ def autocast_context(device: torch.device | str):
     return nullcontext()
 
 
+# Window axes (B, C, z, y, x) mirrored for each copy of `self_ensemble` copies: z first (the slice profile is
+# symmetric, so thick slice k of the mirrored window still averages its own thin slices), then x, then y.
+FLIPS: dict[int, tuple[tuple[int, ...], ...]] = {
+    1: ((),),
+    2: ((), (2,)),
+    4: ((), (2,), (4,), (2, 4)),
+    8: ((), (2,), (4,), (2, 4), (3,), (2, 3), (3, 4), (2, 3, 4)),
+}
+
+
+def _flip(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return x.flip(dims) if dims else x
+
+
 class CtldPredictor:
     """thick window -> prior latent -> the residual model (one regression pass, or diffusion samples averaged)
     -> VAE decode.
@@ -57,11 +71,14 @@ class CtldPredictor:
         num_inference_steps: sampler steps per window below the export's strength, diffusion mode.
         num_samples: diffusion samples averaged per window (their mean is a lower-variance estimate).
         seed: seeds the sampling noise; the same seed, settings and batch size give the same output.
+        self_ensemble: 1, 2, 4 or 8 mirrored copies of each window run and averaged (`FLIPS`): the degradation
+            (a symmetric slice profile, the same in every in-plane direction) is unchanged by mirroring, the model's
+            errors are not all, so the average is the better estimate.
         device: where the models run.
     """
 
     def __init__(self, export, *, mode: str = "regression", sampler: str = "ddim", num_inference_steps: int = 4,
-                 num_samples: int = 1, seed: int = 0, device: torch.device | str = "cpu"):
+                 num_samples: int = 1, seed: int = 0, self_ensemble: int = 1, device: torch.device | str = "cpu"):
         from ctld.diffusion import ResidualSpec, build_sampler
 
         if export.unet is None or export.scheduler is None:
@@ -71,6 +88,8 @@ class CtldPredictor:
             )
         if mode not in ("regression", "diffusion"):
             raise ValueError(f"unknown inference mode {mode!r}; choose regression or diffusion")
+        if self_ensemble not in FLIPS:
+            raise ValueError(f"self_ensemble must be one of {sorted(FLIPS)}, got {self_ensemble}")
         if num_samples < 1 or num_inference_steps < 1:
             raise ValueError(f"num_samples and num_inference_steps must be >= 1, got {num_samples}, "
                              f"{num_inference_steps}")
@@ -80,6 +99,7 @@ class CtldPredictor:
         self.sampler = build_sampler(sampler, export.scheduler.config)
         self.num_inference_steps = num_inference_steps
         self.num_samples = num_samples
+        self.flips = FLIPS[self_ensemble]
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # The engine computes pixel-space priors once per volume; a latent-space prior comes from each window.
@@ -89,6 +109,14 @@ class CtldPredictor:
         self.depth_multiple = int(self.unet.depth_multiple)  # thin slices: the U-Net's depth strides
 
     def __call__(self, thick: torch.Tensor, prior_pixels: torch.Tensor | None = None) -> torch.Tensor:
+        total = None
+        for dims in self.flips:
+            mirrored = None if prior_pixels is None else _flip(prior_pixels, dims)
+            thin = _flip(self._predict(_flip(thick, dims), mirrored), dims)
+            total = thin if total is None else total + thin
+        return total / len(self.flips)
+
+    def _predict(self, thick: torch.Tensor, prior_pixels: torch.Tensor | None) -> torch.Tensor:
         from ctld.diffusion import decode_latents, regress, sample
 
         spec = self.spec

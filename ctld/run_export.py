@@ -14,7 +14,7 @@ from accelerate.logging import get_logger
 
 from ctld.calibration import estimate_scaling_factor
 from ctld.config import Config, config_to_dict
-from ctld.data.domain import SLICE_SPACING_POLICY, data_summary, training_domain
+from ctld.data.domain import PIXEL_SPACING_POLICY, SLICE_SPACING_POLICY, data_summary, training_domain
 from ctld.data.shards import manifest_training_grid, shard_urls, training_manifest
 from ctld.data.train_stream import TrainStream
 from ctld.export import EXPORT_VERSION, save_export, vae_hash
@@ -52,12 +52,14 @@ def export_run(accelerator: Accelerator, cfg: Config, run_dir: Path, *, model, f
         # ctld-infer and ctld-eval run with these unless a flag or --config overrides (ctld.infer_settings).
         "infer": recorded_settings(cfg.infer),
     }
-    # ctld-infer checks a thick input's spacing against factor x thin_spacing_mm and resamples it in-plane to
-    # inplane_spacing_mm when the shards were resampled to it; `domain` holds the ranges it warns or refuses by.
+    # ctld-infer checks a thick input's spacing against factor x thin_spacing_mm and runs it in-plane at
+    # inplane_spacing_mm when the shards were resampled to it, else inside domain.pixel_spacing_mm
+    # (ctld.data.domain.model_pixel_spacing_mm); `domain` holds the ranges it warns or refuses by.
     meta.update(_training_grid(cfg))
     manifest = training_manifest(cfg.data)
     meta["domain"] = _training_domain(cfg, manifest)
     meta["slice_spacing_policy"] = SLICE_SPACING_POLICY
+    meta["pixel_spacing_policy"] = PIXEL_SPACING_POLICY
     card = training_card(
         meta={**meta, "format_version": EXPORT_VERSION}, run=_card_run(run_dir, step),
         data=data_summary(manifest) if manifest is not None else None, validation=validation,

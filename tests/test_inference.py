@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -110,7 +111,7 @@ def test_window_settings_are_checked():
                            depth_context=0, depth_overlap=0, progress=False)
 
 
-def _fully_convolutional_predictor(norm_type: str):
+def _fully_convolutional_predictor(norm_type: str, **predictor_kwargs):
     """A small random residual model (zero-initialised VAE, one-level U-Net) whose receptive field (~24 px, ~12 thin
     slices) fits the windows below; norm_type group gives the same model with per-sample statistics."""
     from ctld.config import DiffusionConfig
@@ -129,7 +130,27 @@ def _fully_convolutional_predictor(norm_type: str):
     spec = ResidualSpec(prior="encode_cubic", factor=5, residual_scale=5.0, strength=0.5, num_train_timesteps=1000)
     export = Export(vae=vae, unet=unet, scheduler=build_train_scheduler(DiffusionConfig()),
                     meta={"factor": 5, **spec.to_meta()})
-    return CtldPredictor(export)
+    return CtldPredictor(export, **predictor_kwargs)
+
+
+def test_self_ensemble_output_mirrors_with_its_input():
+    """self_ensemble averages each window over mirrored copies (ctld.predictors.FLIPS): 2 copies make the output
+    exactly equivariant to a z mirror, 8 to every z/y/x mirror; one pass of a random model is neither."""
+    rng = np.random.default_rng(0)
+    thick = torch.from_numpy(rng.normal(0, 0.3, (1, 1, 4, 16, 16)).astype(np.float32))
+
+    def mirror_error(predictor, dims):
+        run = lambda x: predictor(x, predictor.prior_fn(x))  # noqa: E731  (the engine passes the prior likewise)
+        with torch.no_grad():
+            return float((run(thick.flip(dims)).flip(dims) - run(thick)).abs().max())
+
+    single, z_pair, full = (_fully_convolutional_predictor("layer", self_ensemble=n) for n in (1, 2, 8))
+    for dims in ((2,), (3,), (4,)):
+        assert mirror_error(single, dims) > 1e-3, dims  # the check can fail
+        assert mirror_error(full, dims) < 1e-5, dims
+    assert mirror_error(z_pair, (2,)) < 1e-5 and mirror_error(z_pair, (4,)) > 1e-3
+    with pytest.raises(ValueError, match="self_ensemble must be one of"):
+        _fully_convolutional_predictor("layer", self_ensemble=3)
 
 
 def test_a_shifted_window_grid_gives_the_same_thin_series_with_a_fully_convolutional_model():
@@ -204,13 +225,33 @@ def test_resolve_window_grows_windows_only_for_fully_convolutional_models():
         resolve_window(fully, (28, 512, 512), **training, tile_size=130)
 
 
-def test_hu_outside_the_model_window_is_kept_through_ctld_infer(tmp_path, infer_tiny_export, capsys):
+def _export_trained_on_pixels(export: Path, tmp_path: Path, low_mm: float, high_mm: float) -> Path:
+    """A copy of `export` whose ctld.json says it was trained on pixels of low_mm-high_mm."""
+    import shutil
+
+    copy = tmp_path / "export_pixels"
+    shutil.copytree(export, copy)
+    meta = json.loads((copy / "ctld.json").read_text())
+    meta["domain"] = {**meta.get("domain", {}),
+                      "pixel_spacing_mm": {"min": low_mm, "median": (low_mm + high_mm) / 2, "max": high_mm}}
+    (copy / "ctld.json").write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize("trained_pixels_mm", [None, (0.7, 0.8)])
+def test_hu_outside_the_model_window_is_kept_through_ctld_infer(tmp_path, infer_tiny_export, capsys, caplog,
+                                                                 trained_pixels_mm):
     """-3024 HU padding outside the field of view and a 15000 HU hot spot: the model sees [-1024, 2048], yet the thin
     series keeps the padding exactly and the hot spot at the linear interpolation of the input, in DICOM and NIfTI;
-    there, MAE in HU against the true thin series is linear interpolation's instead of thousands of HU."""
+    there, MAE in HU against the true thin series is linear interpolation's instead of thousands of HU. The same when
+    the 1.5 mm pixels are run resampled to a model trained on 0.7-0.8 mm pixels."""
     import nibabel as nib
 
     from ctld.data.dicom_write import write_dicom_series
+
+    export = infer_tiny_export
+    if trained_pixels_mm:
+        export = _export_trained_on_pixels(infer_tiny_export, tmp_path, *trained_pixels_mm)
 
     rng = np.random.default_rng(0)
     thin = (40 + 30 * rng.standard_normal((40, 40, 40))).astype(np.float32)
@@ -221,9 +262,11 @@ def test_hu_outside_the_model_window_is_kept_through_ctld_infer(tmp_path, infer_
     thin_volume = Volume(thin.astype(np.int16), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), np.eye(3))
     thick = _thick_of(thin_volume, 5)
     write_dicom_series(thick, tmp_path / "thick", patient={"PatientName": "HU^KEPT"}, series_description="thick")
-    args = ["--checkpoint", str(infer_tiny_export), "--format", "both"]
+    args = ["--checkpoint", str(export), "--format", "both"]
     assert main([str(tmp_path / "thick"), "--out", str(tmp_path / "out"), *args]) == 0
-    assert "\r" not in capsys.readouterr().err  # stderr is not a terminal here: no progress-bar updates
+    err = capsys.readouterr().err
+    assert "\r" not in err  # stderr is not a terminal here: no progress-bar updates
+    assert ("runs it resampled to 0.8 mm pixels" in caplog.text) == bool(trained_pixels_mm)
 
     datasets = [pydicom.dcmread(f) for f in sorted((tmp_path / "out" / "dicom").glob("*.dcm"))]
     dicom_hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets])
@@ -239,6 +282,25 @@ def test_hu_outside_the_model_window_is_kept_through_ctld_infer(tmp_path, infer_
     mae_beyond = np.abs(dicom_hu - thin)[beyond].mean()
     assert mae_beyond <= np.abs(np.round(linear) - thin)[beyond].mean() + 0.5
     assert np.abs(np.clip(dicom_hu, -1024, 2048) - thin)[beyond].mean() > 1000  # what clipping used to cost
+
+
+def test_self_ensemble_reaches_ctld_infer_and_changes_its_output(tmp_path, infer_tiny_export, capsys):
+    import nibabel as nib
+
+    from ctld.data.nifti import write_nifti
+
+    rng = np.random.default_rng(1)
+    thin = Volume((40 + 200 * rng.standard_normal((40, 32, 32))).astype(np.int16), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0),
+                  np.eye(3))
+    write_nifti(_thick_of(thin, 5), tmp_path / "thick.nii.gz")
+    outputs = {}
+    for copies in (1, 2):
+        out = tmp_path / f"out{copies}"
+        assert main([str(tmp_path / "thick.nii.gz"), "--checkpoint", str(infer_tiny_export), "--out", str(out),
+                     "--self_ensemble", str(copies)]) == 0
+        assert f"self_ensemble={copies} (flag)" in capsys.readouterr().out
+        outputs[copies] = np.asarray(nib.load(out / "thin.nii.gz").dataobj)
+    assert np.abs(outputs[2].astype(float) - outputs[1]).max() >= 1  # a random model is not mirror-symmetric
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -452,23 +514,54 @@ def test_slab_filter_beats_cubic_on_slab_averages():
     assert psnr(fitted.apply(thick), thin, window) > psnr(interpolate_z(thick, 5, "cubic"), thin, window) + 0.5
 
 
-def test_a_model_trained_on_resampled_pixels_runs_at_that_spacing_and_returns_the_input_grid(caplog):
-    """Shards built with shards.inplane_spacing_mm train a model on that pixel size; inference resamples a series
-    to it and the thin result back onto the series' own grid. A field linear in-plane survives both linear
-    resamplings exactly, so the windowed cubic baseline must equal whole-volume cubic on the input grid."""
+def test_a_model_run_at_other_pixels_keeps_the_series_own_in_plane_detail(caplog):
+    """A series run at the model's pixel spacing (trained resampled, or outside the trained range) is resampled to
+    it, and only the model's correction of cubic interpolation comes back: a model that adds 10 HU to cubic gives
+    cubic + 10 HU on the series' own pixels, fine in-plane detail included (a round trip of the whole output through
+    pixels twice as coarse would blur it by tens of HU)."""
     from ctld.inferer import interpolate_at_spacing
 
-    z = np.random.default_rng(0).normal(0, 100, size=(6, 1, 1))
+    rng = np.random.default_rng(0)
+    detail = rng.normal(0, 100, size=(6, 40, 40)).astype(np.float32)  # different at every pixel
     y, x = np.meshgrid(np.arange(40.0), np.arange(40.0), indexing="ij")
-    thick = (z + 3.0 * y - 2.0 * x).astype(np.float32)
+    ramp = (rng.normal(0, 100, size=(6, 1, 1)) + 3.0 * y - 2.0 * x).astype(np.float32)  # survives linear resampling
+
+    def cubic_plus(offset_hu, gain):
+        def predict(window):
+            cubic = interpolate_z(window, 5, "cubic")
+            return cubic * gain + offset_hu
+
+        predict.fully_convolutional = True
+        return predict
+
+    window = dict(factor=5, depth_thick=5, patch_size=16, hu_range=None, depth_context=2, depth_overlap=0,
+                  progress=False)
     with caplog.at_level("INFO"):
-        out = interpolate_at_spacing(thick, baseline_predictor(5, "cubic"), pixel_spacing_mm=(0.5, 0.5),
-                                     model_pixel_spacing_mm=1.0, factor=5, depth_thick=5, patch_size=16,
-                                     hu_range=None, depth_context=2, depth_overlap=0, progress=False)
+        out = interpolate_at_spacing(detail, cubic_plus(10.0, 1.0), pixel_spacing_mm=(0.5, 0.5),
+                                     model_pixel_spacing_mm=1.0, **window)
     assert "(40, 40) -> (20, 20)" in caplog.text  # the model saw 1 mm pixels
     assert out.shape == (30, 40, 40)
-    # Within 1 HU: resampling stores whole HU (int16), as the shards do.
-    np.testing.assert_allclose(out, interpolate_z(thick, 5, "cubic"), atol=1.0)
+    np.testing.assert_allclose(out, interpolate_z(detail, 5, "cubic") + 10.0, atol=1e-3)
+    # A correction that varies over the image comes back onto the series' pixels: 10% of cubic on a linear field.
+    # Within 0.1 HU: the resampled input is stored in whole HU (int16), as the shards do.
+    out = interpolate_at_spacing(ramp, cubic_plus(0.0, 1.1), pixel_spacing_mm=(0.5, 0.5),
+                                 model_pixel_spacing_mm=1.0, **window)
+    np.testing.assert_allclose(out, 1.1 * interpolate_z(ramp, 5, "cubic"), atol=0.1, rtol=1e-5)
+    same = interpolate_at_spacing(detail, cubic_plus(10.0, 1.0), pixel_spacing_mm=(0.5, 0.5),
+                                  model_pixel_spacing_mm=0.5, **window)
+    np.testing.assert_allclose(same, interpolate_z(detail, 5, "cubic") + 10.0, atol=1e-3)
+
+
+def test_the_model_pixel_spacing_is_the_trained_one_or_the_nearest_end_of_the_trained_range():
+    from ctld.data.domain import model_pixel_spacing_mm
+
+    assert model_pixel_spacing_mm(DOMAIN_META, (0.7, 0.7)) is None  # inside 0.6-0.8 mm: its own pixels
+    assert model_pixel_spacing_mm(DOMAIN_META, (0.85, 0.85)) is None  # within 10%: not worth a resampling
+    assert model_pixel_spacing_mm(DOMAIN_META, (1.5, 1.5)) == pytest.approx(0.8)  # a coarse CTA, upsampled
+    assert model_pixel_spacing_mm(DOMAIN_META, (0.28, 0.28)) == pytest.approx(0.6)  # a spine reconstruction
+    assert model_pixel_spacing_mm({**DOMAIN_META, "inplane_spacing_mm": 1.0}, (0.5, 0.5)) == 1.0  # trained resampled
+    assert model_pixel_spacing_mm({**DOMAIN_META, "inplane_spacing_mm": 1.0}, (1.0, 1.0)) is None
+    assert model_pixel_spacing_mm({"factor": 5}, (3.0, 3.0)) is None  # no trained range known: as it comes
 
 
 def test_manifest_training_grid_reports_in_plane_resampling(tmp_path):
@@ -504,8 +597,10 @@ def _chest_like(low: float = -1000.0, high: float = 750.0) -> np.ndarray:
     ((5.0, 0.7, 0.7), _chest_like(), []),
     ((5.4, 0.7, 0.7), _chest_like(), [("slice_spacing", False, "5.400 mm is outside the trained 4.5-5 mm")]),
     ((3.0, 0.7, 0.7), _chest_like(), [("slice_spacing", True, "3.000 mm is 3.00 thin slices")]),
+    ((5.0, 0.85, 0.85), _chest_like(), []),  # within 10% of the trained range: run as it is, silently
     ((5.0, 1.0, 0.7), _chest_like(), [("pixel_spacing", False, "row pixel spacing 1.000 mm")]),
-    ((5.0, 0.7, 2.0), _chest_like(), [("pixel_spacing", True, "column pixel spacing 2.000 mm")]),
+    ((5.0, 0.7, 2.0), _chest_like(), [("pixel_spacing", False, "runs it resampled to 0.8 mm pixels")]),
+    ((5.0, 0.7, 2.6), _chest_like(), [("pixel_spacing", True, "column pixel spacing 2.600 mm")]),
     ((5.0, 0.7, 0.7), _chest_like(high=1100.0), [("hu", False, "99th HU percentile 1100")]),
     ((5.0, 0.7, 0.7), _chest_like() + 1024, [("hu", True, "1st HU percentile 24"), ("hu", True, "99th")]),
     ((5.0, 0.7, 0.7), _chest_like(low=-3024.0), []),  # padding below the window is clipped: not a difference

@@ -127,6 +127,8 @@ def test_the_card_holds_the_aggregates_scores_and_provenance(trained):
     assert meta["domain"]["pixel_spacing_mm"]["max"] == pytest.approx(0.7)
     assert meta["slice_spacing_policy"].startswith("slices:")
     assert "Slice spacing: slices:" in (export / CARD_MARKDOWN).read_text()
+    assert meta["pixel_spacing_policy"].startswith("pixels:")
+    assert "Pixel spacing: pixels:" in (export / CARD_MARKDOWN).read_text()
     assert "- Modes: regression" in (export / CARD_MARKDOWN).read_text()
     readme = (export / CARD_MARKDOWN).read_text()
     for row, values in rows.items():

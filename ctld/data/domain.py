@@ -8,9 +8,11 @@ Everything here is counts, ranges and percentiles over the shard manifest; never
 
 Warn or refuse (docs/usage.md): a refusal is a difference the model is not built for, where its output would be
 wrong rather than worse: a slice spacing more than `spacing_tolerance` (default 50%) outside factor x the trained
-thin spacings (the model would invent the wrong number of slices per slab), a pixel size more than 2x outside the
-trained range (anatomy at another scale), or HU percentiles more than 300 HU outside the trained range (not CT HU:
-an unapplied rescale, or another modality). Smaller differences are warnings; `allow` turns refusals into warnings too.
+thin spacings (the model would invent the wrong number of slices per slab), a pixel size more than 3x outside the
+trained range (likely a wrong header or a scout, not a diagnostic series), or HU percentiles more than 300 HU
+outside the trained range (not CT HU: an unapplied rescale, or another modality). Smaller differences are warnings
+(a pixel size more than 10% outside is run resampled into the range: `model_pixel_spacing_mm`); `allow` turns
+refusals into warnings too.
 """
 
 from __future__ import annotations
@@ -27,13 +29,19 @@ HU_PERCENTILES = (1.0, 99.0)  # robust ends of a series' HU: single hot or paddi
 HU_SAMPLE_VOXELS = 2_000_000  # percentiles from a strided subsample: the same to ~1 HU, a fraction of the time
 HU_WARN_HU = 50.0  # percentile outside the trained range by more: warning
 HU_REFUSE_HU = 300.0  # by more: refusal
-PIXEL_REFUSE_RATIO = 2.0  # pixel spacing outside the trained range by more than this factor: refusal
+PIXEL_RESAMPLE_RATIO = 1.1  # pixel spacing outside the trained range by more: the model runs on it resampled
+PIXEL_REFUSE_RATIO = 3.0  # by more than this factor: refusal
 SPACING_WARN_RTOL = 0.05  # slice spacing outside factor x the trained thin-spacing range by more: warning
 # Recorded in every export (ctld.json `slice_spacing_policy`, the model card): how a model trained on series of
 # mixed thin spacings treats spacing. Thin series are never resampled along z (that would blur the targets); the
 # model learns factor thin slices per thick slice at every trained spacing, and a thick input fits within
 # infer.spacing_tolerance of factor x the trained thin spacings.
 SLICE_SPACING_POLICY = "slices: trained across the thin spacings in domain.thin_spacing_mm, none resampled along z"
+# In-plane, the model runs at a pixel size it was trained at (`model_pixel_spacing_mm`); only its correction of cubic
+# interpolation is resampled back, so the series keeps its own in-plane detail (ctld.inferer.interpolate_at_spacing).
+PIXEL_SPACING_POLICY = ("pixels: a series more than 10% outside the trained pixel spacings (domain.pixel_spacing_mm) "
+                        "is run resampled in-plane to the nearest trained spacing; the model's correction of cubic "
+                        "interpolation is resampled back onto the series' own pixels")
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,27 @@ def _outside(value: float, low: float, high: float) -> float:
     return max(low - value, value - high, 0.0)
 
 
+def model_pixel_spacing_mm(meta: dict[str, Any], pixel_spacing_mm) -> float | None:
+    """The square in-plane pixel spacing (mm) the export's model runs a series of `pixel_spacing_mm` (dy, dx) at, or
+    None for the series' own pixels.
+
+    A model trained on resampled shards (`inplane_spacing_mm`) runs at that spacing. Otherwise a series more than
+    PIXEL_RESAMPLE_RATIO outside the trained range `domain.pixel_spacing_mm` runs at the nearest end of it, where
+    its anatomy has the size in pixels the model learnt (measured in docs/quality.md).
+    """
+    dy, dx = (float(v) for v in pixel_spacing_mm)
+    trained = meta.get("inplane_spacing_mm")
+    if trained:
+        return None if np.allclose((dy, dx), float(trained), rtol=0.01) else float(trained)
+    seen = meta.get("domain", {}).get("pixel_spacing_mm")
+    if not seen:
+        return None
+    low, high = float(seen["min"]), float(seen["max"])
+    if all(low / PIXEL_RESAMPLE_RATIO <= value <= high * PIXEL_RESAMPLE_RATIO for value in (dy, dx)):
+        return None
+    return float(np.clip(np.sqrt(dy * dx), low, high))
+
+
 def input_differences(hu: np.ndarray, spacing_mm, meta: dict[str, Any], *,
                       spacing_tolerance: float) -> list[Difference]:
     """How a thick input (HU (D, H, W), spacing (dz, dy, dx) mm) differs from what the export's model saw.
@@ -177,13 +206,14 @@ def input_differences(hu: np.ndarray, spacing_mm, meta: dict[str, Any], *,
                 f"{seen['min']:.3g}-{seen['max']:.3g} mm; {ratio:.2f}x)"), False))
     pixel = domain.get("pixel_spacing_mm")
     if pixel and not meta.get("inplane_spacing_mm"):  # resampled models see their own pixel size whatever comes in
+        run_at = model_pixel_spacing_mm(meta, (dy, dx))
         for axis, value in (("row", dy), ("column", dx)):
             ratio = max(pixel["min"] / value, value / pixel["max"])
-            if ratio > 1.0 + 1e-3:
+            if ratio > PIXEL_RESAMPLE_RATIO:
                 found.append(Difference("pixel_spacing", (
                     f"{axis} pixel spacing {value:.3f} mm is outside the trained {pixel['min']:.3g}-"
-                    f"{pixel['max']:.3g} mm ({ratio:.2f}x; refused beyond {PIXEL_REFUSE_RATIO:g}x)"),
-                    ratio > PIXEL_REFUSE_RATIO))
+                    f"{pixel['max']:.3g} mm ({ratio:.2f}x; the model runs it resampled to {run_at:.3g} mm pixels; "
+                    f"refused beyond {PIXEL_REFUSE_RATIO:g}x)"), ratio > PIXEL_REFUSE_RATIO))
     low_hu, high_hu = float(meta["hu_min"]), float(meta["hu_max"])
     if domain.get("hu_p1") and domain.get("hu_p99"):
         # Compared inside the model's window, where percentiles commute with the clipping the model applies:

@@ -52,7 +52,7 @@ class DataConfig:
     shuffle_buffer: int = 32  # patch pairs held per worker for shuffling, so one volume's K patches spread out
     samples_per_epoch: int = 10_000  # with_epoch length per rank (patch pairs), so every rank runs the same steps
     small_volume: Literal["pad", "skip"] = "pad"  # volumes smaller than a patch: pad with air or skip
-    augment: bool = True  # in-plane flips, 90-degree rotations and z mirrors, identical on thick and thin
+    augment: bool = True  # in-plane flips and 90-degree rotations, identical on thick and thin
     min_foreground_fraction: float = 0.05  # resample crops whose fraction of non-air voxels is below this
     max_skipped_fraction: float = 0.5  # a loader worker fails once it skipped more than this share of samples
     seed: int = 0  # data stream seed, combined with the trainer's seed, rank, worker and step (ctld/data/loader.py)

@@ -125,11 +125,11 @@ def test_augmentation_is_identical_on_thick_and_thin():
     thin_patch = random_hu(rng, (20, 16, 16))
     thick_patch = slab_means(thin_patch)
     seen = set()
-    for _ in range(200):
+    for _ in range(40):
         thick_aug, thin_aug = augment_pair(thick_patch, thin_patch, rng)
         np.testing.assert_array_equal(slab_means(thin_aug), thick_aug)
         seen.add(thick_aug.tobytes())
-    assert len(seen) == 16  # every symmetry is drawn: 8 in-plane, each either way up along z
+    assert len(seen) == 8  # every symmetry is drawn
 
 
 def test_sampled_patches_are_aligned_with_augmentation_and_offset():
@@ -144,8 +144,7 @@ def test_sampled_patches_are_aligned_with_augmentation_and_offset():
         k0, y0, x0 = patch["origin"]
         np.testing.assert_array_equal(slab_means(patch["thin"]), patch["thick"])
         source = core[k0 * FACTOR : (k0 + 4) * FACTOR, y0 : y0 + 16, x0 : x0 + 16]
-        assert any(np.array_equal(mirrored, patch["thin"]) for element in DIHEDRAL
-                   for mirrored in (dihedral(source, *element), dihedral(source, *element)[::-1]))
+        assert any(np.array_equal(dihedral(source, *element), patch["thin"]) for element in DIHEDRAL)
 
 
 def test_foreground_bias_avoids_air_crops():

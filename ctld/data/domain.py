@@ -39,8 +39,9 @@ SPACING_WARN_RTOL = 0.05  # slice spacing outside factor x the trained thin-spac
 SLICE_SPACING_POLICY = "slices: trained across the thin spacings in domain.thin_spacing_mm, none resampled along z"
 # In-plane, the model runs at a pixel size it was trained at (`model_pixel_spacing_mm`); only its correction of cubic
 # interpolation is resampled back, so the series keeps its own in-plane detail (ctld.inferer.interpolate_at_spacing).
-PIXEL_SPACING_POLICY = ("pixels: a series more than 10% outside the trained pixel spacings (domain.pixel_spacing_mm) "
-                        "is run resampled in-plane to the nearest trained spacing; the model's correction of cubic "
+PIXEL_SPACING_POLICY = (f"pixels: a series more than {PIXEL_RESAMPLE_RATIO - 1:.0%} outside the trained pixel spacings "
+                        "(domain.pixel_spacing_mm) is run resampled in-plane to the nearest trained spacing (to "
+                        "inplane_spacing_mm for a model trained resampled); the model's correction of cubic "
                         "interpolation is resampled back onto the series' own pixels")
 
 

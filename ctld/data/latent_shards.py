@@ -7,9 +7,8 @@
 A latent sample holds the patches of one pixel sample (same key, same shard name and order): `z_thin.npy` and
 `z_prior.npy`, (N, C, depth_thick * factor, P/f, P/f) float32 or float16 diffusion-space latents (VAE posterior
 mode x scaling_factor) of N patch pairs cut from the volume exactly as the pixel loader cuts them (random crop with
-the foreground redraw, one random in-plane symmetry and z mirror each when data.augment), and `json` (factor,
-patches, thick_source, format_version). The prior latent is the one the config's `diffusion.prior` makes of the
-thick patch.
+the foreground redraw, one random in-plane symmetry each when data.augment), and `json` (factor, patches,
+thick_source, format_version). The prior latent is the one the config's `diffusion.prior` makes of the thick patch.
 
 Why whole patches and not crops of a whole-volume latent: the VAE's GroupNorm normalises over its whole input,
 so a crop of a volume's latent is not the latent of the crop (27% relative difference measured on a random base

@@ -130,13 +130,9 @@ def dihedral(volume: np.ndarray, flip_y: bool, flip_x: bool, turns: int) -> np.n
 def augment_pair(
     thick_patch: np.ndarray, thin_patch: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The same random symmetry applied to both patches: one of the 8 of a square in-plane, and a mirror along z half
-    of the time (a symmetric slice profile averages the same thin slices into each thick slice either way up)."""
+    """The same random in-plane symmetry (one of the 8 of a square) applied to both patches."""
     flip_y, flip_x, turns = DIHEDRAL[int(rng.integers(len(DIHEDRAL)))]
-    thick_patch, thin_patch = dihedral(thick_patch, flip_y, flip_x, turns), dihedral(thin_patch, flip_y, flip_x, turns)
-    if rng.integers(2):
-        thick_patch, thin_patch = thick_patch[::-1], thin_patch[::-1]
-    return thick_patch, thin_patch
+    return dihedral(thick_patch, flip_y, flip_x, turns), dihedral(thin_patch, flip_y, flip_x, turns)
 
 
 def sample_patch_pairs(
@@ -161,7 +157,7 @@ def sample_patch_pairs(
         factor, offset: the pair's alignment (docs/DESIGN.md, Thick/thin alignment).
         count: patches to draw (K).
         rng: the only source of randomness, so a seeded stream is reproducible.
-        augment: apply one random in-plane symmetry and z mirror per patch, the same on thick and thin.
+        augment: apply one random in-plane symmetry per patch, the same on thick and thin.
         min_foreground_fraction: redraw a crop (up to `max_tries` draws) while its thick patch has fewer
             foreground voxels than this; the best draw is kept when none reaches it.
         small_volume: a covered volume smaller than a patch on any axis is padded with air ("pad") or

@@ -41,7 +41,7 @@ import numpy as np
 from ctld.baselines import METHODS, SlabFilter, interpolate_z
 from ctld.config import DataConfig
 from ctld.data.domain import check_input, input_differences, model_pixel_spacing_mm
-from ctld.data.geometry import AlignmentError, align, resample_inplane
+from ctld.data.geometry import AlignmentError, align, resampled_inplane_shape
 from ctld.data.shards import MANIFEST, iter_samples, manifest_shards
 from ctld.data.transforms import HU_WINDOWS, simulate_thick
 from ctld.data.volume import Volume
@@ -261,10 +261,10 @@ def check_tiling(thick_hu: np.ndarray, predict, thin_hu: np.ndarray, run: dict, 
     gives 100 (identical)."""
     keys = ("factor", "depth_thick", "patch_size", "depth_context", "depth_overlap", "inplane_overlap", "batch_size",
             "window_depth", "tile_size")
-    grid = np.asarray(thick_hu)
+    shape = thick_hu.shape
     if run.get("model_pixel_spacing_mm"):  # the windows fall on the grid the model runs at
-        grid, _ = resample_inplane(grid, (1.0, *run["pixel_spacing_mm"]), run["model_pixel_spacing_mm"])
-    plan, _ = plan_inference(predict, grid.shape, **{key: run[key] for key in keys})
+        shape = (shape[0], *resampled_inplane_shape(shape[1:], run["pixel_spacing_mm"], run["model_pixel_spacing_mm"]))
+    plan, _ = plan_inference(predict, shape, **{key: run[key] for key in keys})
     shifted = interpolate_at_spacing(thick_hu, predict, grid_shift=plan.half_window_shift, **run)
     return {"model": name, "grid_shift": list(plan.half_window_shift),
             "window": [plan.depth_thick, plan.patch_size, plan.patch_size],
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                 self_ensemble=cfg.self_ensemble,
                                                                 device=device), hu_range) for m in modes}
             result = evaluate_interpolation(cases, models, slab_filter=slab_filter,
-                                            export_meta=export.meta if export is not None else None,
+                                            export_meta=meta,
                                             case_models=case_models, tiling_check=args.tiling_check, **common)
             mode = "interpolation"
             settings["method"] = args.method

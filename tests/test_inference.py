@@ -552,6 +552,25 @@ def test_a_model_run_at_other_pixels_keeps_the_series_own_in_plane_detail(caplog
     np.testing.assert_allclose(same, interpolate_z(detail, 5, "cubic") + 10.0, atol=1e-3)
 
 
+def test_the_tiling_check_shifts_by_half_a_window_of_the_grid_the_model_runs_at():
+    """ctld-eval --tiling_check on a series run at other pixels: the half-window shift is planned on the resampled
+    grid (20 px at 1 mm for 40 px of 0.5 mm), not on the series' own, where it would be a whole window."""
+    from ctld.evaluate import check_tiling
+    from ctld.inferer import interpolate_at_spacing
+
+    def cubic(window):
+        return interpolate_z(window, 5, "cubic")
+
+    cubic.fully_convolutional = True  # whole slices per window
+    thick = np.random.default_rng(0).normal(0, 100, size=(12, 40, 40)).astype(np.float32)
+    run = dict(pixel_spacing_mm=(0.5, 0.5), model_pixel_spacing_mm=1.0, factor=5, depth_thick=4, patch_size=16,
+               hu_range=None, depth_context=2, depth_overlap=0, inplane_overlap=0.25, batch_size=2, window_depth=0,
+               tile_size=0, progress=False)
+    result = check_tiling(thick, cubic, interpolate_at_spacing(thick, cubic, **run), run)
+    assert result["window"][1:] == [20, 20] and result["grid_shift"][1:] == [10, 10]
+    assert result["max_abs_difference_hu"] < 1e-3  # interpolation does not depend on the tiling
+
+
 def test_the_model_pixel_spacing_is_the_trained_one_or_the_nearest_end_of_the_trained_range():
     from ctld.data.domain import model_pixel_spacing_mm
 

@@ -178,14 +178,20 @@ def check_thick_input(grid: Grid, *, factor: int, name: str, slice_thickness_mm:
         )
 
 
+def resampled_inplane_shape(shape_hw: tuple[int, int], pixel_spacing_mm, new_spacing_mm: float) -> tuple[int, int]:
+    """(height, width) of an image of `shape_hw` pixels of (dy, dx) mm once `resample_inplane` makes them
+    `new_spacing_mm`."""
+    dy, dx = pixel_spacing_mm
+    return max(1, round(shape_hw[0] * dy / new_spacing_mm)), max(1, round(shape_hw[1] * dx / new_spacing_mm))
+
+
 def resample_inplane(hu: np.ndarray, spacing_mm, new_spacing_mm: float) -> tuple[np.ndarray, tuple]:
     """Linear in-plane resampling of (D, H, W) HU to square pixels of `new_spacing_mm`; depth untouched. The
     grid keeps voxel (0, 0) where it was (the origin does not move)."""
     from scipy.ndimage import zoom
 
     dz, dy, dx = spacing_mm
-    height = max(1, round(hu.shape[1] * dy / new_spacing_mm))
-    width = max(1, round(hu.shape[2] * dx / new_spacing_mm))
+    height, width = resampled_inplane_shape(hu.shape[1:], (dy, dx), new_spacing_mm)
     if (height, width) == hu.shape[1:] and np.allclose((dy, dx), new_spacing_mm, rtol=1e-3):
         return hu, tuple(spacing_mm)
     # grid_mode=False maps corner voxel centres onto each other, so the new spacing is (n_in - 1) / (n_out - 1).

@@ -491,6 +491,9 @@ def interpolate_at_spacing(thick_hu: np.ndarray, predict_fn: PredictFn, *, pixel
     logger.info("in-plane %s mm pixels resampled to the model's %.3g mm (%s -> %s), its correction back after the "
                 "model", [round(v, 3) for v in pixel_spacing_mm], model_pixel_spacing_mm, tuple(thick_hu.shape[1:]),
                 tuple(resampled.shape[1:]))
+    # The inner run keeps beyond-window voxels too (its linear interpolation, about cubic there): the correction is
+    # then ~0 in padding outside the field of view instead of model-minus-padding, which the resize would smear
+    # across the field-of-view edge.
     correction = interpolate_volume(resampled, predict_fn, factor=factor, **kwargs)
     correction -= interpolate_z(resampled, factor, "cubic")
     thin = interpolate_z(np.asarray(thick_hu), factor, "cubic")
